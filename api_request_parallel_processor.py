@@ -299,12 +299,10 @@ def validate_request_body(body: dict) -> str | None:
     return None
 
 
-def read_jobs(path: Path, start_line: int = 1) -> Iterator[Job | InvalidLine]:
+def read_jobs(path: Path) -> Iterator[Job | InvalidLine]:
     """Yield one Job or InvalidLine per non-blank line, reading only as far as the caller asks."""
     with open(path, "rb") as file:
         for line_number, raw in enumerate(file, start=1):
-            if line_number < start_line:
-                continue
             parsed = parse_request_line(raw, line_number)
             if parsed is not None:
                 yield parsed
@@ -1054,6 +1052,27 @@ class ResumeIndex:
         return False
 
 
+def iter_save_file(path: Path, start: int = 0) -> Iterator[tuple[int, int, bool]]:
+    """(byte offset, request fingerprint, succeeded) of each complete, readable line from `start` on."""
+    if not path.exists():
+        return
+    with open(path, "rb") as file:
+        file.seek(start)
+        offset = start
+        for raw in file:
+            if not raw.endswith(b"\n"):
+                return  # a torn last line: see scan_save_file
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                logger.warning(f"{path}: skipping an unreadable line at byte {offset}")
+                record = None
+            if isinstance(record, list) and len(record) in (2, 3):
+                metadata = record[2] if len(record) == 3 else NO_METADATA
+                yield offset, request_fingerprint(record[0], metadata), is_success_record(record)
+            offset += len(raw)
+
+
 @dataclass
 class SaveFileScan:
     """What an existing save file holds."""
@@ -1066,28 +1085,63 @@ class SaveFileScan:
 
 def scan_save_file(path: Path) -> SaveFileScan:
     """Read an existing save file once, line by line, without keeping the lines."""
-    successes, failures, valid, torn = array("Q"), 0, 0, 0
-    if not path.exists():
-        return SaveFileScan(successes, 0, 0, 0)
-    with open(path, "rb") as file:
-        for raw in file:
-            if not raw.endswith(b"\n"):
-                torn = len(raw)
-                break
-            valid += len(raw)
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                logger.warning(f"{path}: skipping an unreadable line at byte {valid - len(raw)}")
-                continue
-            if not isinstance(record, list) or len(record) not in (2, 3):
-                continue
-            metadata = record[2] if len(record) == 3 else NO_METADATA
-            if is_success_record(record):
-                successes.append(request_fingerprint(record[0], metadata))
-            else:
-                failures += 1
-    return SaveFileScan(successes, failures, valid, torn)
+    successes, failures = array("Q"), 0
+    for _, fingerprint, succeeded in iter_save_file(path):
+        if succeeded:
+            successes.append(fingerprint)
+        else:
+            failures += 1
+    size = path.stat().st_size if path.exists() else 0
+    valid = size
+    if size:
+        with open(path, "rb") as file:  # find the end of the last complete line
+            file.seek(max(0, size - (1 << 20)))
+            tail = file.read()
+        last_newline = tail.rfind(b"\n")
+        valid = size - len(tail) + last_newline + 1 if last_newline >= 0 else (0 if size <= len(tail) else size)
+    return SaveFileScan(successes, failures, valid, size - valid)
+
+
+def compact_save_file(save_path: Path, requests_path: Path) -> int:
+    """After a complete run, keep exactly one line per input request: every success line, and for a
+    request with no success, only its latest failure line. Lines of requests that are no longer in the
+    input are kept (nothing paid for is ever deleted). Returns how many lines were dropped."""
+    needed = array("Q", sorted(
+        request_fingerprint(item.body if isinstance(item, Job) else item.request, item.metadata)
+        for item in read_jobs(requests_path)))
+    successes, failure_prints, failure_offsets = array("Q"), array("Q"), array("Q")
+    for offset, fingerprint, succeeded in iter_save_file(save_path):
+        if succeeded:
+            successes.append(fingerprint)
+        else:
+            failure_prints.append(fingerprint)
+            failure_offsets.append(offset)
+    if not failure_prints:
+        return 0
+    successes = array("Q", sorted(successes))
+
+    def count(sorted_prints: array, fingerprint: int) -> int:
+        index = bisect_left(sorted_prints, fingerprint)
+        end = index
+        while end < len(sorted_prints) and sorted_prints[end] == fingerprint:
+            end += 1
+        return end - index
+
+    drop: set[int] = set()
+    order = sorted(range(len(failure_prints)), key=lambda i: (failure_prints[i], -failure_offsets[i]))
+    kept_for: Counter = Counter()
+    for i in order:
+        fingerprint = failure_prints[i]
+        wanted = count(needed, fingerprint)
+        if wanted == 0:
+            continue  # not in the input any more: keep it
+        if kept_for[fingerprint] < wanted - count(successes, fingerprint):
+            kept_for[fingerprint] += 1  # the latest failures, newest first
+        else:
+            drop.add(failure_offsets[i])
+    if not drop:
+        return 0
+    return atomic_rewrite(save_path, lambda line, offset: offset not in drop)
 
 
 def is_success_record(record: list) -> bool:
@@ -1147,6 +1201,9 @@ class ResultWriter:
         if now - self._last_fsync >= self.FSYNC_INTERVAL_SECONDS:
             os.fsync(self._file.fileno())
             self._last_fsync = now
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:
@@ -1706,6 +1763,365 @@ class Scheduler:
 
 
 # ======================================================================================================
+# 12. Batch mode
+# ======================================================================================================
+#
+# The same input and output through the Message Batches API: half the price, no per-minute limits,
+# answers within 24 hours. The job's state (which batches exist and which input lines each holds) lives
+# in a small JSON file beside the save file, rewritten atomically, so that the same command after a crash
+# polls the batches it already submitted instead of paying for them twice.
+
+
+def batches_url(request_url: str) -> str:
+    """https://api.anthropic.com/v1/messages -> https://api.anthropic.com/v1/messages/batches"""
+    return request_url.rstrip("/") + "/batches"
+
+
+def batch_state_path(save_filepath: Path) -> Path:
+    return save_filepath.with_name(save_filepath.name + ".batch_state.json")
+
+
+def custom_id_for(line_number: int) -> str:
+    return f"line-{line_number}"
+
+
+def line_of(custom_id: str) -> int | None:
+    match = re.fullmatch(r"line-(\d+)", custom_id or "")
+    return int(match.group(1)) if match else None
+
+
+def to_ranges(numbers: list[int]) -> list[list[int]]:
+    """[1,2,3,7,8] -> [[1,3],[7,8]]: input lines of a batch, compactly."""
+    ranges: list[list[int]] = []
+    for number in numbers:
+        if ranges and ranges[-1][1] == number - 1:
+            ranges[-1][1] = number
+        else:
+            ranges.append([number, number])
+    return ranges
+
+
+def in_ranges(number: int, ranges: list[list[int]]) -> bool:
+    index = bisect_left(ranges, [number, math.inf]) - 1
+    return index >= 0 and ranges[index][0] <= number <= ranges[index][1]
+
+
+def line_offsets(path: Path) -> array:
+    """Byte offset of every line (index = line number - 1), 8 bytes a line, to re-read one line later."""
+    offsets, offset = array("Q"), 0
+    with open(path, "rb") as file:
+        for raw in file:
+            offsets.append(offset)
+            offset += len(raw)
+    return offsets
+
+
+@dataclass
+class BatchJobState:
+    """What survives a crash: the batches submitted for this save file and how far each has come."""
+
+    path: Path
+    batches: list[dict] = field(default_factory=list)  # {"id", "lines": ranges, "requests", "written"}
+    pending_since: float | None = None  # wall time a create call began and had not yet returned an id
+
+    @classmethod
+    def load(cls, path: Path) -> BatchJobState:
+        if not path.exists():
+            return cls(path)
+        data = json.loads(path.read_text())
+        return cls(path, data.get("batches", []), data.get("pending_since"))
+
+    def save(self) -> None:
+        write_json_atomically(self.path, {"batches": self.batches, "pending_since": self.pending_since})
+
+    def open_batches(self) -> list[dict]:
+        return [batch for batch in self.batches if not batch.get("written")]
+
+    def holds(self, line_number: int) -> bool:
+        return any(in_ranges(line_number, batch["lines"]) for batch in self.open_batches())
+
+
+class BatchClient:
+    """The batch endpoints, with retries for transient errors and one-line aborts for refusals."""
+
+    def __init__(self, session: aiohttp.ClientSession, request_url: str, headers: dict[str, str],
+                 max_attempts: int, rng: random.Random):
+        self.session, self.base, self.headers = session, batches_url(request_url), headers
+        self.max_attempts, self.rng = max_attempts, rng
+
+    async def call(self, method: str, url: str, data: Any = None, data_factory: Callable[[], Any] | None = None) -> dict:
+        for attempt in range(1, max(self.max_attempts, 3) + 1):
+            try:
+                async with self.session.request(method, url, headers=self.headers,
+                                                data=data_factory() if data_factory else data,
+                                                timeout=aiohttp.ClientTimeout(total=600)) as response:
+                    body = await response.read()
+                    if response.status == 200:
+                        try:
+                            return json.loads(body)
+                        except ValueError:
+                            outcome: Outcome = Retry(f"200 with a body that is not JSON: {snippet(body)}")
+                    else:
+                        outcome = classify(response.status, response.headers, body)
+            except (asyncio.TimeoutError, TimeoutError, aiohttp.ClientError) as exc:
+                outcome = Retry(f"connection error: {type(exc).__name__}: {exc}")
+            if isinstance(outcome, Abort):
+                raise RunAborted(outcome.reason)
+            if isinstance(outcome, Fail):
+                raise ProcessorError(f"{method} {url}: {outcome.reason}")
+            delay = outcome.after_seconds if outcome.after_seconds is not None else backoff_seconds(attempt, self.rng)
+            logger.warning(f"{method} {url}: {outcome.reason}; retrying in {delay:.1f} s")
+            await asyncio.sleep(delay)
+        raise ProcessorError(f"{method} {url}: no success after {max(self.max_attempts, 3)} attempts")
+
+    async def create(self, body_path: Path) -> dict:
+        def open_body():
+            return open(body_path, "rb")  # a fresh file object per attempt; aiohttp streams and closes it
+        return await self.call("POST", self.base, data_factory=open_body)
+
+    async def retrieve(self, batch_id: str) -> dict:
+        return await self.call("GET", f"{self.base}/{batch_id}")
+
+    async def cancel(self, batch_id: str) -> dict:
+        return await self.call("POST", f"{self.base}/{batch_id}/cancel")
+
+    async def recent(self) -> list[dict]:
+        return (await self.call("GET", f"{self.base}?limit=100")).get("data", [])
+
+    async def results(self, batch: dict) -> Any:
+        """Yield result items one by one from the results file, without holding it in memory."""
+        url = batch.get("results_url") or f"{self.base}/{batch['id']}/results"
+        async with self.session.get(url, headers=self.headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=300)) as response:
+            if response.status != 200:
+                outcome = classify(response.status, response.headers, await response.read())
+                if isinstance(outcome, Abort):
+                    raise RunAborted(outcome.reason)
+                raise ProcessorError(f"results of {batch['id']}: {getattr(outcome, 'reason', outcome)}")
+            async for raw in response.content:
+                if raw.strip():
+                    yield json.loads(raw)
+
+
+def write_batch_request_files(jobs: Iterator[Job | InvalidLine], skip: Callable[[Job], bool], folder: Path,
+                              on_invalid: Callable[[InvalidLine], None]) -> Iterator[tuple[Path, list[int]]]:
+    """Stream valid, not yet answered jobs into batch request bodies on disk, split at the API's limits.
+
+    Yields (path of a `{"requests": [...]}` body, its input line numbers). The tool's metadata stays
+    here: only the body is sent.
+    """
+    file, lines, size, path = None, [], 0, None
+    opening, closing = b'{"requests":[', b"]}"
+    for item in jobs:
+        if isinstance(item, InvalidLine):
+            on_invalid(item)
+            continue
+        if skip(item):
+            continue
+        entry = json.dumps({"custom_id": custom_id_for(item.line_number), "params": item.body},
+                           ensure_ascii=False).encode("utf-8")
+        if file is not None and (len(lines) >= BATCH_MAX_REQUESTS
+                                 or size + len(entry) + 1 + len(closing) > BATCH_MAX_BYTES):
+            file.write(closing)
+            file.close()
+            yield path, lines
+            file = None
+        if file is None:
+            handle, name = tempfile.mkstemp(prefix="batch-", suffix=".json", dir=folder)
+            file, path, lines, size = os.fdopen(handle, "wb"), Path(name), [], len(opening)
+            file.write(opening)
+        if lines:
+            file.write(b",")
+            size += 1
+        file.write(entry)
+        size += len(entry)
+        lines.append(item.line_number)
+    if file is not None:
+        file.write(closing)
+        file.close()
+        yield path, lines
+
+
+class InputLines:
+    """Re-reads single input lines by number, to pair each batch result with its request and metadata."""
+
+    def __init__(self, path: Path):
+        self.offsets = line_offsets(path)
+        self.file = open(path, "rb")
+
+    def job(self, line_number: int) -> Job | InvalidLine | None:
+        if not 1 <= line_number <= len(self.offsets):
+            return None
+        self.file.seek(self.offsets[line_number - 1])
+        return parse_request_line(self.file.readline(), line_number)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def batch_result_record(job: Job, result: dict) -> tuple[list, bool]:
+    """(result line, succeeded) for one item of a batch's results file."""
+    kind = result.get("type")
+    if kind == "succeeded" and is_valid_message(result.get("message")):
+        return job.result_line(result["message"]), True
+    if kind == "errored":
+        error = result.get("error") or {}
+        inner = error.get("error") if isinstance(error.get("error"), dict) else error
+        reason = f"batch item errored: {inner.get('type', 'unknown_error')}: {inner.get('message', '')}"
+    elif kind in ("expired", "canceled"):
+        reason = f"batch item {kind}: not processed; run again to retry it"
+    else:
+        reason = f"batch item with an unexpected result: {json.dumps(result)[:200]}"
+    return job.result_line([reason]), False
+
+
+async def run_batch_job(requests_path: Path, save_path: Path, client: BatchClient, writer: ResultWriter,
+                        stats: Stats, resume_index: ResumeIndex | None, cancel: bool, progress: bool,
+                        stop: asyncio.Event) -> None:
+    """Submit what is not answered yet (unless cancelling), then poll every open batch and write its results."""
+    state = BatchJobState.load(batch_state_path(save_path))
+    if state.pending_since is not None:
+        await adopt_pending_batch(state, client)
+    if cancel:
+        for batch in state.open_batches():
+            logger.warning(f"cancelling batch {batch['id']}")
+            await client.cancel(batch["id"])
+    else:
+        await submit_batches(requests_path, save_path, client, writer, stats, resume_index, state)
+    if not state.open_batches():
+        logger.info("no open batches")
+    else:
+        inputs = InputLines(requests_path)
+        try:
+            await poll_and_collect(state, client, inputs, writer, stats, progress, stop)
+        finally:
+            inputs.close()
+    if not state.open_batches() and state.path.exists():
+        state.path.unlink()
+
+
+async def adopt_pending_batch(state: BatchJobState, client: BatchClient) -> None:
+    """A crash came between asking for a batch and recording its id: find it rather than pay twice."""
+    known = {batch["id"] for batch in state.batches}
+    for batch in await client.recent():
+        created = batch.get("created_at", "")
+        try:
+            created_at = datetime_to_timestamp(created)
+        except ValueError:
+            continue
+        if batch["id"] not in known and created_at >= state.pending_since - 5:
+            logger.warning(f"found batch {batch['id']}, submitted just before an interruption; its lines are "
+                           "unknown, so its results are paired by custom_id")
+            state.batches.append({"id": batch["id"], "lines": [], "requests": 0, "written": False, "adopted": True})
+    state.pending_since = None
+    state.save()
+
+
+def datetime_to_timestamp(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def submit_batches(requests_path: Path, save_path: Path, client: BatchClient, writer: ResultWriter,
+                         stats: Stats, resume_index: ResumeIndex | None, state: BatchJobState) -> None:
+    def skip(job: Job) -> bool:
+        if state.holds(job.line_number):
+            return True  # already in a batch we are waiting for
+        if resume_index is not None and resume_index.claim(request_fingerprint(job.body, job.metadata)):
+            stats.skipped += 1
+            return True
+        return False
+
+    def on_invalid(item: InvalidLine) -> None:
+        logger.error(f"line {item.line_number}: {item.reason}; written as a failure, not sent")
+        writer.write(item.result_line())
+        stats.invalid_lines += 1
+        stats.failed += 1
+
+    with tempfile.TemporaryDirectory(prefix="batches-", dir=save_path.parent) as folder:
+        for body_path, lines in write_batch_request_files(read_jobs(requests_path), skip, Path(folder), on_invalid):
+            state.pending_since = time.time()
+            state.save()
+            batch = await client.create(body_path)
+            state.batches.append({"id": batch["id"], "lines": to_ranges(lines), "requests": len(lines),
+                                  "written": False})
+            state.pending_since = None
+            state.save()
+            body_path.unlink()
+            logger.info(f"submitted batch {batch['id']} with {len(lines):,} request(s)")
+
+
+async def poll_and_collect(state: BatchJobState, client: BatchClient, inputs: InputLines, writer: ResultWriter,
+                           stats: Stats, progress: bool, stop: asyncio.Event) -> None:
+    """Poll with backoff (5 s doubling to 60 s) until each batch ends; then stream its results out."""
+    total = sum(batch["requests"] for batch in state.open_batches()) or None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="req", file=sys.stderr, desc="batches")
+    delay = BATCH_POLL_INITIAL_SECONDS
+    try:
+        while state.open_batches() and not stop.is_set():
+            counted = 0
+            for batch in state.open_batches():
+                info = await client.retrieve(batch["id"])
+                counts = info.get("request_counts") or {}
+                counted += sum(counts.get(k, 0) for k in ("succeeded", "errored", "canceled", "expired"))
+                if info.get("processing_status") == "ended":
+                    await write_batch_results(batch, info, state, client, inputs, writer, stats)
+                    delay = BATCH_POLL_INITIAL_SECONDS
+            if bar is not None:
+                bar.n = counted
+                bar.refresh()
+            else:
+                logger.info(f"batches: {counted:,} of {total or 0:,} request(s) processed; "
+                            f"{len(state.open_batches())} batch(es) open")
+            if state.open_batches():
+                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(BATCH_POLL_MAX_SECONDS, delay * 2)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+async def write_batch_results(batch: dict, info: dict, state: BatchJobState, client: BatchClient,
+                              inputs: InputLines, writer: ResultWriter, stats: Stats) -> None:
+    """Write one line per item of an ended batch (skipping lines already written by an interrupted try)."""
+    written_before = None
+    if batch.get("write_offset") is None:
+        writer.flush()
+        batch["write_offset"] = writer.path.stat().st_size
+        state.save()
+    else:
+        # An earlier run was writing this batch's results when it stopped: everything from the offset it
+        # recorded on is this batch's, so skip those items this time.
+        written_before = ResumeIndex(array("Q", (fingerprint for _, fingerprint, _ in
+                                                 iter_save_file(writer.path, batch["write_offset"]))))
+        logger.info(f"batch {batch['id']}: resuming the writing of its results ({len(written_before):,} written)")
+    async for item in client.results(info):
+        line_number = line_of(item.get("custom_id", ""))
+        job = inputs.job(line_number) if line_number is not None else None
+        if not isinstance(job, Job):
+            logger.error(f"batch {batch['id']}: result for unknown custom_id {item.get('custom_id')!r}; skipped")
+            continue
+        record, succeeded = batch_result_record(job, item.get("result") or {})
+        if written_before is not None and written_before.claim(request_fingerprint(job.body, job.metadata)):
+            continue
+        writer.write(record)
+        if succeeded:
+            stats.succeeded += 1
+            stats.add_usage(job.model, record[1]["usage"], batch=True)
+        else:
+            stats.failed += 1
+            stats.errors_by_kind[(item.get("result") or {}).get("type", "unknown")] += 1
+    batch["written"] = True
+    state.save()
+    logger.info(f"batch {batch['id']} ended; its results are written")
+
+
+# ======================================================================================================
 # 13. Running a job
 # ======================================================================================================
 
@@ -1735,6 +2151,7 @@ class RunSummary:
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM"
     aborted: str | None = None
     unanswered: int = 0  # requests neither answered nor failed when the run stopped
+    batch: bool = False  # sent through the Message Batches API (half price)
 
     @property
     def exit_status(self) -> int:
@@ -1749,7 +2166,7 @@ class RunSummary:
 
 
 def summarize(stats: Stats, requests_filepath: Path, save_filepath: Path, elapsed: float,
-              stopped_by: str | None, aborted: str | None) -> RunSummary:
+              stopped_by: str | None, aborted: str | None, batch: bool = False) -> RunSummary:
     reads_and_writes = stats.cache_reads + stats.cache_writes
     unanswered = 0
     if (stopped_by or aborted) and stats.total_lines is not None:
@@ -1764,7 +2181,7 @@ def summarize(stats: Stats, requests_filepath: Path, save_filepath: Path, elapse
         cache_hit_rate=(stats.cache_reads / reads_and_writes) if reads_and_writes else None,
         cost_usd=round(stats.cost_usd, 6), cache_saved_usd=round(stats.cache_saved_usd, 6),
         unpriced_models=sorted(stats.unpriced_models), elapsed_seconds=round(elapsed, 3),
-        stopped_by=stopped_by, aborted=aborted, unanswered=unanswered)
+        stopped_by=stopped_by, aborted=aborted, unanswered=unanswered, batch=batch)
 
 
 def log_summary(summary: RunSummary, limits: dict[str, LimitSetting]) -> None:
@@ -1844,8 +2261,8 @@ def make_redactor(secret: str | None) -> Callable[[str], str]:
     return lambda text: text.replace(secret, "[redacted]") if secret in text else text
 
 
-def prepare_save_file(save_filepath: Path, overwrite: bool) -> tuple[ResumeIndex | None, int, int]:
-    """Start afresh, or resume: returns (index of answered requests, failure lines, bytes already there)."""
+def prepare_save_file(save_filepath: Path, overwrite: bool) -> tuple[ResumeIndex | None, int]:
+    """Start afresh, or resume: returns (index of answered requests, number of failure lines)."""
     if overwrite and save_filepath.exists() and save_filepath.stat().st_size:
         lines = count_lines(save_filepath)
         logger.warning(f"--overwrite: discarding {lines:,} line(s) of earlier results in {save_filepath}")
@@ -1857,10 +2274,10 @@ def prepare_save_file(save_filepath: Path, overwrite: bool) -> tuple[ResumeIndex
         with open(save_filepath, "r+b") as file:
             file.truncate(scan.valid_bytes)
     if not scan.successes and not scan.failure_lines:
-        return None, 0, scan.valid_bytes
+        return None, 0
     logger.info(f"resuming: {len(scan.successes):,} request(s) already answered in {save_filepath} will be "
                 f"skipped; {scan.failure_lines:,} earlier failure(s) will be tried again")
-    return ResumeIndex(scan.successes), scan.failure_lines, scan.valid_bytes
+    return ResumeIndex(scan.successes), scan.failure_lines
 
 
 class ProgressBar:
@@ -1939,6 +2356,8 @@ async def process_api_requests_from_file(
     progress: bool = False,
     summary_filepath: str | os.PathLike | None = None,
     handle_signals: bool = False,
+    batch: bool = False,
+    batch_cancel: bool = False,
     count_tokens: Callable[[str], int] | None = None,
 ) -> RunSummary:
     """Send every request of a JSONL file within the given limits; append each result to the save file.
@@ -1966,7 +2385,10 @@ async def process_api_requests_from_file(
     check_files(requests_path, save_path)
     redact = make_redactor(api_key)
 
-    resume_index, old_failures, old_bytes = prepare_save_file(save_path, overwrite)
+    if overwrite and batch_state_path(save_path).exists():
+        logger.warning(f"--overwrite: forgetting the batches recorded in {batch_state_path(save_path)}")
+        batch_state_path(save_path).unlink()
+    resume_index, old_failures = prepare_save_file(save_path, overwrite)
     if count_tokens is None:
         count_tokens, tokenizer_name = load_tokenizer()
     else:
@@ -1978,49 +2400,58 @@ async def process_api_requests_from_file(
 
     max_in_flight = max_concurrent_requests or 5000
     writer = ResultWriter(save_path, redact)
-    bar = ProgressBar(stats.total_lines, stats, limits) if progress else None
+    bar = ProgressBar(stats.total_lines, stats, limits) if progress and not (batch or batch_cancel) else None
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
     stop_signals: list[str] = []
+    abort_reason: str | None = None
+    headers = build_headers(api_key, anthropic_version, anthropic_beta)
     try:
         async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
-            transport = Transport(session, request_url, build_headers(api_key, anthropic_version, anthropic_beta),
-                                  stream, request_timeout, stream_idle_timeout)
-            scheduler = Scheduler(
-                read_jobs(requests_path),
-                SchedulerSettings(limits, max_attempts, max_in_flight, bool(use_caching), shutdown_grace),
-                send=lambda body: send_attempt(transport, body), writer=writer, estimator=Estimator(count_tokens),
-                stats=stats, resume_index=resume_index, on_progress=bar.update if bar else None)
-            if bar:
-                bar.scheduler = scheduler
-            with signal_handlers(scheduler, stop_signals) if handle_signals else contextlib.nullcontext():
-                await scheduler.run()
+            if batch or batch_cancel:
+                stop = asyncio.Event()
+                client = BatchClient(session, request_url, headers, max_attempts, random.Random())
+                with signal_handlers(lambda reason: stop.set(), stop_signals) if handle_signals else contextlib.nullcontext():
+                    try:
+                        await run_batch_job(requests_path, save_path, client, writer, stats, resume_index,
+                                            batch_cancel, progress, stop)
+                    except RunAborted as exc:
+                        abort_reason = str(exc)
+            else:
+                transport = Transport(session, request_url, headers, stream, request_timeout, stream_idle_timeout)
+                scheduler = Scheduler(
+                    read_jobs(requests_path),
+                    SchedulerSettings(limits, max_attempts, max_in_flight, bool(use_caching), shutdown_grace),
+                    send=lambda body: send_attempt(transport, body), writer=writer, estimator=Estimator(count_tokens),
+                    stats=stats, resume_index=resume_index, on_progress=bar.update if bar else None)
+                if bar:
+                    bar.scheduler = scheduler
+                with signal_handlers(scheduler.request_stop, stop_signals) if handle_signals else contextlib.nullcontext():
+                    await scheduler.run()
+                abort_reason = scheduler.abort_reason
     finally:
         writer.close()
         if bar:
             bar.close()
 
     stopped_by = stop_signals[0] if stop_signals else None
-    if scheduler.abort_reason:
-        logger.error(f"Run aborted: {redact(scheduler.abort_reason)}")
-    elif not stopped_by and old_failures:
+    finished = not (stopped_by or abort_reason)
+    if batch and finished and batch_state_path(save_path).exists():
+        finished = False  # batches are still open (the run was interrupted while polling)
+    if abort_reason:
+        abort_reason = redact(abort_reason)
+        logger.error(f"Run aborted: {abort_reason}")
+    elif finished and (old_failures or batch):
         # Every request without a success line was tried again in this run, so the failure lines of
         # earlier runs are superseded: keep exactly one line per input request.
-        dropped = atomic_rewrite(save_path, lambda line, offset: offset >= old_bytes or is_success_line(line))
-        logger.info(f"removed {dropped:,} superseded failure line(s) of earlier runs from {save_path}")
-    summary = summarize(stats, requests_path, save_path, time.monotonic() - started, stopped_by,
-                        redact(scheduler.abort_reason) if scheduler.abort_reason else None)
+        dropped = compact_save_file(save_path, requests_path)
+        if dropped:
+            logger.info(f"removed {dropped:,} superseded failure line(s) of earlier runs from {save_path}")
+    summary = summarize(stats, requests_path, save_path, time.monotonic() - started, stopped_by, abort_reason,
+                        batch=batch or batch_cancel)
     log_summary(summary, limits)
     if summary_filepath:
         write_json_atomically(Path(summary_filepath), summary.to_dict())
     return summary
-
-
-def is_success_line(raw: bytes) -> bool:
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return False
-    return isinstance(record, list) and len(record) >= 2 and is_success_record(record)
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
@@ -2038,7 +2469,7 @@ def fmt_limit(setting: LimitSetting) -> str:
 
 
 @contextlib.contextmanager
-def signal_handlers(scheduler: Scheduler, received: list[str]):
+def signal_handlers(request_stop: Callable[[str], None], received: list[str]):
     """First SIGINT/SIGTERM: stop gracefully. A second SIGINT: leave at once (written lines are whole)."""
     loop = asyncio.get_running_loop()
 
@@ -2049,7 +2480,7 @@ def signal_handlers(scheduler: Scheduler, received: list[str]):
             os._exit(EXIT_SIGINT)
         if not received:
             received.append(name)
-            scheduler.request_stop(f"{name} received")
+            request_stop(f"{name} received")
 
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -2250,6 +2681,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no progress bar; log progress once a minute instead")
     add("--summary_filepath", default=None, help="also write the final summary to this file as JSON")
     add("--dry_run", action="store_true", help="validate and estimate tokens, cost and duration; send nothing")
+    add("--batch", action="store_true", help="use the Message Batches API: half price, answers within 24 h")
+    add("--batch_cancel", action="store_true", help="cancel this job's open batches, then write what they answered")
     return parser
 
 
@@ -2297,10 +2730,13 @@ def main(argv: list[str] | None = None) -> int:
             anthropic_version=args.anthropic_version, anthropic_beta=args.anthropic_beta, stream=args.stream,
             stream_idle_timeout=args.stream_idle_timeout, overwrite=args.overwrite,
             shutdown_grace=args.shutdown_grace, progress=progress, summary_filepath=args.summary_filepath,
-            handle_signals=True))
+            handle_signals=True, batch=args.batch, batch_cancel=args.batch_cancel))
     except UsageError as exc:
         logger.error(str(exc))
         return EXIT_USAGE
+    except ProcessorError as exc:
+        logger.error(str(exc))
+        return EXIT_SOME_FAILED
     return summary.exit_status
 
 
