@@ -1383,6 +1383,7 @@ class SchedulerSettings:
     max_in_flight: int = 5000
     use_caching: bool = False
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
+    backoff_scale: float = 1.0  # tests shrink the backoff (not retry-after) with APPP_BACKOFF_SCALE
 
 
 class Scheduler:
@@ -1676,7 +1677,7 @@ class Scheduler:
             self.finish_failed(attempt)
             return
         if delay is None:
-            delay = backoff_seconds(job.attempts, self.rng)
+            delay = backoff_seconds(job.attempts, self.rng) * self.settings.backoff_scale
         self.sequence += 1
         heapq.heappush(self.delayed, (now + delay, self.sequence, job))
 
@@ -1976,7 +1977,7 @@ def batch_result_record(job: Job, result: dict) -> tuple[list, bool]:
 
 async def run_batch_job(requests_path: Path, save_path: Path, client: BatchClient, writer: ResultWriter,
                         stats: Stats, resume_index: ResumeIndex | None, cancel: bool, progress: bool,
-                        stop: asyncio.Event) -> None:
+                        stop: asyncio.Event, poll_interval: float = BATCH_POLL_INITIAL_SECONDS) -> None:
     """Submit what is not answered yet (unless cancelling), then poll every open batch and write its results."""
     state = BatchJobState.load(batch_state_path(save_path))
     if state.pending_since is not None:
@@ -1992,7 +1993,7 @@ async def run_batch_job(requests_path: Path, save_path: Path, client: BatchClien
     else:
         inputs = InputLines(requests_path)
         try:
-            await poll_and_collect(state, client, inputs, writer, stats, progress, stop)
+            await poll_and_collect(state, client, inputs, writer, stats, progress, stop, poll_interval)
         finally:
             inputs.close()
     if not state.open_batches() and state.path.exists():
@@ -2052,7 +2053,8 @@ async def submit_batches(requests_path: Path, save_path: Path, client: BatchClie
 
 
 async def poll_and_collect(state: BatchJobState, client: BatchClient, inputs: InputLines, writer: ResultWriter,
-                           stats: Stats, progress: bool, stop: asyncio.Event) -> None:
+                           stats: Stats, progress: bool, stop: asyncio.Event,
+                           poll_interval: float = BATCH_POLL_INITIAL_SECONDS) -> None:
     """Poll with backoff (5 s doubling to 60 s) until each batch ends; then stream its results out."""
     total = sum(batch["requests"] for batch in state.open_batches()) or None
     bar = None
@@ -2060,7 +2062,7 @@ async def poll_and_collect(state: BatchJobState, client: BatchClient, inputs: In
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="req", file=sys.stderr, desc="batches")
-    delay = BATCH_POLL_INITIAL_SECONDS
+    delay = poll_interval
     try:
         while state.open_batches() and not stop.is_set():
             counted = 0
@@ -2070,7 +2072,7 @@ async def poll_and_collect(state: BatchJobState, client: BatchClient, inputs: In
                 counted += sum(counts.get(k, 0) for k in ("succeeded", "errored", "canceled", "expired"))
                 if info.get("processing_status") == "ended":
                     await write_batch_results(batch, info, state, client, inputs, writer, stats)
-                    delay = BATCH_POLL_INITIAL_SECONDS
+                    delay = poll_interval
             if bar is not None:
                 bar.n = counted
                 bar.refresh()
@@ -2358,7 +2360,9 @@ async def process_api_requests_from_file(
     handle_signals: bool = False,
     batch: bool = False,
     batch_cancel: bool = False,
+    batch_poll_interval: float = BATCH_POLL_INITIAL_SECONDS,
     count_tokens: Callable[[str], int] | None = None,
+    backoff_scale: float = 1.0,
 ) -> RunSummary:
     """Send every request of a JSONL file within the given limits; append each result to the save file.
 
@@ -2413,14 +2417,15 @@ async def process_api_requests_from_file(
                 with signal_handlers(lambda reason: stop.set(), stop_signals) if handle_signals else contextlib.nullcontext():
                     try:
                         await run_batch_job(requests_path, save_path, client, writer, stats, resume_index,
-                                            batch_cancel, progress, stop)
+                                            batch_cancel, progress, stop, batch_poll_interval)
                     except RunAborted as exc:
                         abort_reason = str(exc)
             else:
                 transport = Transport(session, request_url, headers, stream, request_timeout, stream_idle_timeout)
                 scheduler = Scheduler(
                     read_jobs(requests_path),
-                    SchedulerSettings(limits, max_attempts, max_in_flight, bool(use_caching), shutdown_grace),
+                    SchedulerSettings(limits, max_attempts, max_in_flight, bool(use_caching), shutdown_grace,
+                                      backoff_scale),
                     send=lambda body: send_attempt(transport, body), writer=writer, estimator=Estimator(count_tokens),
                     stats=stats, resume_index=resume_index, on_progress=bar.update if bar else None)
                 if bar:
@@ -2683,6 +2688,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dry_run", action="store_true", help="validate and estimate tokens, cost and duration; send nothing")
     add("--batch", action="store_true", help="use the Message Batches API: half price, answers within 24 h")
     add("--batch_cancel", action="store_true", help="cancel this job's open batches, then write what they answered")
+    add("--batch_poll_interval", type=positive_float, default=BATCH_POLL_INITIAL_SECONDS,
+        help="first wait between batch status checks, doubling to 60 s (default 5)")
     return parser
 
 
@@ -2730,7 +2737,9 @@ def main(argv: list[str] | None = None) -> int:
             anthropic_version=args.anthropic_version, anthropic_beta=args.anthropic_beta, stream=args.stream,
             stream_idle_timeout=args.stream_idle_timeout, overwrite=args.overwrite,
             shutdown_grace=args.shutdown_grace, progress=progress, summary_filepath=args.summary_filepath,
-            handle_signals=True, batch=args.batch, batch_cancel=args.batch_cancel))
+            handle_signals=True, batch=args.batch, batch_cancel=args.batch_cancel,
+            batch_poll_interval=args.batch_poll_interval,
+            backoff_scale=parse_number(os.environ.get("APPP_BACKOFF_SCALE")) or 1.0))
     except UsageError as exc:
         logger.error(str(exc))
         return EXIT_USAGE

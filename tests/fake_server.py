@@ -933,11 +933,12 @@ class TokenBucket:
             self.updated = now
 
     def set_capacity(self, capacity: float, now: float) -> None:
-        """Change the limit; the current level is kept but never above the new capacity."""
+        """Change the limit. What was used recently still counts, now against the new capacity."""
         self.refill(now)
+        used = self.capacity - self.level
         self.capacity = float(capacity)
         self.rate_per_second = max(self.capacity, 1e-9) / 60.0
-        self.level = min(self.level, self.capacity)
+        self.level = self.capacity - used
 
     def seconds_until(self, amount: float) -> float:
         """Seconds until the (refilled) bucket holds `amount`; amounts above capacity wait for a full bucket."""
@@ -1112,13 +1113,11 @@ class Batch:
     generated when read. A cancel freezes the processed count and ends the batch shortly after.
     """
 
-    def __init__(self, batch_id: str, created: float, wall_created: float, duration: float, seed: int) -> None:
+    def __init__(self, batch_id: str, duration: float, seed: int) -> None:
         self.id = batch_id
-        self.created = created
-        self.wall_created = wall_created
         self.duration = duration
         self.seed = seed
-        self.ends = created + duration
+        self.created = self.wall_created = self.ends = 0.0  # set by start() once all items are stored
         self.custom_ids: list[str] = []
         self.params: list[bytes] = []
         self.input_tokens = array("I")
@@ -1126,6 +1125,12 @@ class Batch:
         self.errors: dict[int, tuple[str, str]] = {}  # item -> (error type, message), when not a random api_error
         self.cancel_initiated: float | None = None
         self.processed_at_cancel: int | None = None
+
+    def start(self, now: float, wall_now: float) -> None:
+        """Processing starts once the batch is stored, so a new batch reports every item processing."""
+        self.created = now
+        self.wall_created = wall_now
+        self.ends = now + self.duration
 
     def _wall(self, moment: float) -> float:
         return self.wall_created + (moment - self.created)
@@ -1540,8 +1545,7 @@ class FakeAnthropicServer:
     # ---- Message Batches ------------------------------------------------------------------------
 
     async def _handle_batch_create(self, request: web.Request) -> web.Response:
-        now = time.monotonic()
-        rejected = self._check_headers(request, now)
+        rejected = self._check_headers(request, time.monotonic())
         if rejected is not None:
             return rejected
         raw = await request.read()
@@ -1550,15 +1554,15 @@ class FakeAnthropicServer:
         try:
             body = parse_json_object(raw)
             del raw  # the parsed body is all we need; free the bytes of a large batch early
-            batch = await self._build_batch(body, now)
+            batch = await self._build_batch(body)
         except RequestError as error:
             return self._error(error.status, error.error_type, error.message)
         self._batches[batch.id] = batch
         self.stats.batches_created += 1
-        return web.json_response(batch.to_json(time.monotonic(), self._base_url(request)),
+        return web.json_response(batch.to_json(batch.created, self._base_url(request)),
                                  headers={"request-id": _new_id("req_")})
 
-    async def _build_batch(self, body: Mapping[str, Any], now: float) -> Batch:
+    async def _build_batch(self, body: Mapping[str, Any]) -> Batch:
         """Validate the batch (400 for the whole batch) and each item's params (errored items)."""
         items = body.get("requests")
         if not isinstance(items, list) or not items:
@@ -1567,7 +1571,7 @@ class FakeAnthropicServer:
             raise _invalid(f"requests: List should have at most {MAX_BATCH_REQUESTS:,} items")
         config = self.config
         batch_id = f"msgbatch_{self._rng.getrandbits(96):024x}"
-        batch = Batch(batch_id, now, time.time(), config.batch_processing_seconds, config.seed)
+        batch = Batch(batch_id, config.batch_processing_seconds, config.seed)
         outcome_rng = random.Random(f"{config.seed}:{batch_id}")
         seen_ids: set[str] = set()
         for index, item in enumerate(items):
@@ -1588,6 +1592,7 @@ class FakeAnthropicServer:
             outcome, tokens = self._batch_item_outcome(batch, index, params, params_bytes, outcome_rng)
             batch.outcomes.append(outcome)
             batch.input_tokens.append(tokens)
+        batch.start(time.monotonic(), time.time())
         return batch
 
     def _batch_item_outcome(self, batch: Batch, index: int, params: Mapping[str, Any], params_bytes: bytes,
