@@ -46,7 +46,7 @@ Inputs (flags keep the original cookbook's names, with underscores)
       Advice: set each limit to your tier's limit for the model (Console, Settings, Limits). Limits are
       applied per model, as the service applies them. A number is a hard cap this tool never exceeds.
   --max_attempts             attempts per request before it is written as a failure, default 5
-  --logging_level            TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR or 5..40, default INFO
+  --logging_level            TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, CRITICAL or 5..50, default INFO
   --use_caching              True/False (bare flag means True), default False: gate cached prefixes
   --max_concurrent_requests  optional cap on requests in flight
   --request_timeout          seconds per attempt (default 600, longer for large max_tokens)
@@ -626,7 +626,7 @@ class TokenBucket:
 
     def set_rate(self, per_minute: float, now: float) -> None:
         """Change the limit; the level keeps its value, so a higher limit ramps up instead of bursting."""
-        self.level(now)
+        self._level = min(self.level(now), per_minute)
         self.capacity = per_minute
         self.refill_per_second = per_minute / 60.0
 
@@ -669,12 +669,11 @@ class Limiter:
         return max(0.0, *waits)
 
     def take(self, need: Need, now: float) -> dict[str, float]:
-        """Charge an attempt; returns the running sums before it, for `observe_headers` later."""
-        mark = dict(self._charged_total)
+        """Charge an attempt; returns the running sums including it, for `observe_headers` later."""
         for kind, amount in zip(LIMIT_KINDS, (need.requests, need.input_tokens, need.output_tokens)):
             self.buckets[kind].take(amount, now)
             self._charged_total[kind] += amount
-        return mark
+        return dict(self._charged_total)
 
     def settle(self, kind: str, charged: float, actual: float, now: float) -> None:
         """Correct a bucket once the real amount is known."""
@@ -863,7 +862,7 @@ def snippet(body: bytes, limit: int = 200) -> str:
 
 def backoff_seconds(attempt: int, rng: random.Random) -> float:
     """Delay before retry number `attempt` (1-based): 1, 2, 4, ... capped at 60 s, times [0.5, 1)."""
-    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** (attempt - 1))
+    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2.0 ** min(attempt - 1, 64))
     return ceiling * (0.5 + 0.5 * rng.random())
 
 
@@ -1052,8 +1051,20 @@ class ResumeIndex:
         return False
 
 
+def parse_save_line(raw: bytes) -> tuple[int, bool] | None:
+    """(request fingerprint, succeeded) of one line of a save file, or None if it is not a result."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, list) or len(record) not in (2, 3):
+        return None
+    metadata = record[2] if len(record) == 3 else NO_METADATA
+    return request_fingerprint(record[0], metadata), is_success_record(record)
+
+
 def iter_save_file(path: Path, start: int = 0) -> Iterator[tuple[int, int, bool]]:
-    """(byte offset, request fingerprint, succeeded) of each complete, readable line from `start` on."""
+    """(byte offset, request fingerprint, succeeded) of each complete result line from `start` on."""
     if not path.exists():
         return
     with open(path, "rb") as file:
@@ -1062,14 +1073,11 @@ def iter_save_file(path: Path, start: int = 0) -> Iterator[tuple[int, int, bool]
         for raw in file:
             if not raw.endswith(b"\n"):
                 return  # a torn last line: see scan_save_file
-            try:
-                record = json.loads(raw)
-            except ValueError:
+            parsed = parse_save_line(raw)
+            if parsed is None:
                 logger.warning(f"{path}: skipping an unreadable line at byte {offset}")
-                record = None
-            if isinstance(record, list) and len(record) in (2, 3):
-                metadata = record[2] if len(record) == 3 else NO_METADATA
-                yield offset, request_fingerprint(record[0], metadata), is_success_record(record)
+            else:
+                yield offset, *parsed
             offset += len(raw)
 
 
@@ -1085,21 +1093,22 @@ class SaveFileScan:
 
 def scan_save_file(path: Path) -> SaveFileScan:
     """Read an existing save file once, line by line, without keeping the lines."""
-    successes, failures = array("Q"), 0
-    for _, fingerprint, succeeded in iter_save_file(path):
-        if succeeded:
-            successes.append(fingerprint)
-        else:
-            failures += 1
-    size = path.stat().st_size if path.exists() else 0
-    valid = size
-    if size:
-        with open(path, "rb") as file:  # find the end of the last complete line
-            file.seek(max(0, size - (1 << 20)))
-            tail = file.read()
-        last_newline = tail.rfind(b"\n")
-        valid = size - len(tail) + last_newline + 1 if last_newline >= 0 else (0 if size <= len(tail) else size)
-    return SaveFileScan(successes, failures, valid, size - valid)
+    successes, failures, valid, torn = array("Q"), 0, 0, 0
+    if path.exists():
+        with open(path, "rb") as file:
+            for raw in file:
+                if not raw.endswith(b"\n"):
+                    torn = len(raw)
+                    break
+                parsed = parse_save_line(raw)
+                if parsed is None:
+                    logger.warning(f"{path}: skipping an unreadable line at byte {valid}")
+                elif parsed[1]:
+                    successes.append(parsed[0])
+                else:
+                    failures += 1
+                valid += len(raw)
+    return SaveFileScan(successes, failures, valid, torn)
 
 
 def compact_save_file(save_path: Path, requests_path: Path) -> int:
@@ -2599,7 +2608,7 @@ def fmt_minutes(minutes: float) -> str:
 # 14. Command line
 # ======================================================================================================
 
-LOG_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40}
+LOG_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 
 
 def parse_bool(value: Any) -> bool:
@@ -2664,7 +2673,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_attempts", type=positive_int, default=DEFAULT_MAX_ATTEMPTS,
         help="attempts per request before it is written as a failure (default 5)")
     add("--logging_level", type=parse_logging_level, default="INFO",
-        help="TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR or 5..40 (default INFO)")
+        help="TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, CRITICAL or 5..50 (default INFO)")
     add("--use_caching", type=parse_bool, nargs="?", const=True, default=False,
         help="True/False; bare flag means True: write each cached prefix once, then read it (default False)")
     add("--max_concurrent_requests", type=positive_int, default=None, help="cap on requests in flight (default none)")
