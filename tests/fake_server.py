@@ -195,10 +195,14 @@ class ServerConfig:
 
     limits: per model class (see model_class()); "default" covers every class without an entry.
     latency_seconds: uniform random per request; the wait before a JSON answer, or spread over a stream.
-    output_tokens: uniform random per request body, then capped by max_tokens.
+    output_tokens: uniform random per request body (seeded by the body, so a body always gets the same
+        answer, streamed or not), then capped by max_tokens.
+    fault_rate, fault_kinds: random faults; markers in the request text force faults (module docstring).
     output_accounting: "produced" charges output tokens when produced and admits while the output
         bucket is above 0 (2026 docs); "max_tokens" reserves max_tokens at admission and refunds the
         unused part at the end (2025 docs).
+    seed: seeds the answers (read per request) and latency, random faults and ids (read when the server
+        is built).
     """
 
     limits: dict[str, ModelLimits] = field(default_factory=lambda: {DEFAULT_CLASS: ModelLimits()})
@@ -464,7 +468,8 @@ def _block_tokens(block: Mapping[str, Any]) -> int:
     if kind == "document":
         return _document_block_tokens(block)
     if kind in ("tool_use", "server_tool_use"):
-        return count_text_tokens(str(block.get("name", ""))) + count_text_tokens(_dumps(block.get("input", {})).decode())
+        return (count_text_tokens(str(block.get("name", "")))
+                + count_text_tokens(_dumps(block.get("input", {})).decode()))
     if kind == "tool_result":
         return _content_tokens(block.get("content", ""))
     if kind == "thinking":
@@ -1004,8 +1009,8 @@ class ModelLimiter:
             output_wait = self.output_tokens.seconds_until(reserve_output)
         else:
             output_wait = self.output_tokens.seconds_until_positive()
-        waits = {"requests": self.requests.seconds_until(1), "input-tokens": self.input_tokens.seconds_until(input_charge),
-                 "output-tokens": output_wait}
+        waits = {"requests": self.requests.seconds_until(1),
+                 "input-tokens": self.input_tokens.seconds_until(input_charge), "output-tokens": output_wait}
         binding = max(waits, key=waits.__getitem__)
         if waits[binding] > 0:
             return binding, waits[binding]

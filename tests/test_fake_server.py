@@ -223,7 +223,8 @@ def test_model_ids_of_one_class_share_limits() -> None:
     assert model_class("claude-sonnet-4-5-20250929") == model_class("claude-sonnet-4-5") == "claude-sonnet-4-5"
 
     async def scenario() -> None:
-        config = ServerConfig(limits={"default": ModelLimits(), "claude-sonnet-4-5": ModelLimits(requests_per_minute=1)})
+        config = ServerConfig(limits={"default": ModelLimits(),
+                                      "claude-sonnet-4-5": ModelLimits(requests_per_minute=1)})
         async with running(config) as (_, url, session):
             dated = await post(session, f"{url}/v1/messages", {**message_body(), "model": "claude-sonnet-4-5-20250929"})
             undated = await post(session, f"{url}/v1/messages", message_body())
@@ -268,7 +269,8 @@ def test_cache_write_then_read() -> None:
         assert hour["usage"]["cache_read_input_tokens"] == written  # the TTL setting does not change the prefix
         assert (stats.cache_writes, stats.cache_reads) == (1, 2)
         # Cache reads are not charged against the input-token limit.
-        charged = sum(m["usage"]["input_tokens"] + m["usage"]["cache_creation_input_tokens"] for m in (first, second, hour))
+        charged = sum(message["usage"]["input_tokens"] + message["usage"]["cache_creation_input_tokens"]
+                      for message in (first, second, hour))
         assert stats.input_tokens_charged == charged < 2 * written
 
     asyncio.run(scenario())
@@ -530,14 +532,16 @@ def test_fake_tokenizer_counts_more_than_one_token_per_english_word() -> None:
 def test_image_and_document_tokens() -> None:
     assert image_dimensions(png_header(800, 600)) == (800, 600)
     assert image_dimensions(b"GIF89a" + struct.pack("<HH", 30, 20)) == (30, 20)
-    jpeg = b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + bytes(14) + b"\xff\xc0" + struct.pack(">HBHH", 17, 8, 480, 640)
+    app0_segment = b"\xff\xe0" + struct.pack(">H", 16) + bytes(14)
+    jpeg = b"\xff\xd8" + app0_segment + b"\xff\xc0" + struct.pack(">HBHH", 17, 8, 480, 640)
     assert image_dimensions(jpeg) == (640, 480)
     assert image_tokens(800, 600) == 640
     assert image_tokens(4000, 3000) == 1600  # downscaled, then capped
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": base64.b64encode(png_header(800, 600)).decode()}}
+    two_pages = b"%PDF-1.4 /Type /Pages /Type /Page /Type /Page"
     pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
-                                          "data": base64.b64encode(b"%PDF-1.4 /Type /Pages /Type /Page /Type /Page").decode()}}
+                                          "data": base64.b64encode(two_pages).decode()}}
     plain = message_body("x")
     with_blocks = {**plain, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image, pdf]}]}
     assert count_input_tokens(with_blocks) - count_input_tokens(plain) == 640 + 2 * 1500

@@ -331,9 +331,12 @@ def test_request_total_counts_tools_system_and_every_message():
         system="You are terse",
         messages=[{"role": "user", "content": "What is the weather"},
                   {"role": "assistant", "content": [{"type": "text", "text": "Let me check"}]}])
-    expected = (app.PER_REQUEST_OVERHEAD_TOKENS + words(json.dumps(tool)) + 3
-                + 2 * app.PER_MESSAGE_OVERHEAD_TOKENS + 4 + 3)
-    assert app.estimate_input_tokens(body, words).total == expected
+    expected = (app.PER_REQUEST_OVERHEAD_TOKENS + app.TOOL_USE_SYSTEM_PROMPT_TOKENS["auto"]
+                + words(json.dumps(tool)) + 3 + 2 * app.PER_MESSAGE_OVERHEAD_TOKENS + 4 + 3)
+    estimate = app.estimate_input_tokens(body, words)
+    assert estimate.total == expected
+    # The tool-use system prompt follows the service's table, not our tokenizer: it is not corrected.
+    assert estimate.fixed == app.TOOL_USE_SYSTEM_PROMPT_TOKENS["auto"]
 
 
 def test_system_as_blocks_is_counted():
@@ -400,8 +403,8 @@ def test_cache_control_on_a_tool_marks_the_prefix_at_the_tools():
     body = valid_body(tools=tools, messages=[{"role": "user", "content": "one two"}])
     estimate = app.estimate_input_tokens(body, words, track_cache_prefix=True)
     described_b = {k: v for k, v in tools[1].items() if k != "cache_control"}
-    assert estimate.cached_prefix == (app.PER_REQUEST_OVERHEAD_TOKENS + words(json.dumps(tools[0]))
-                                      + words(json.dumps(described_b)))
+    assert estimate.cached_prefix == (app.PER_REQUEST_OVERHEAD_TOKENS + app.TOOL_USE_SYSTEM_PROMPT_TOKENS["auto"]
+                                      + words(json.dumps(tools[0])) + words(json.dumps(described_b)))
     other = app.estimate_input_tokens(dict(body, messages=[{"role": "user", "content": "three"}]), words,
                                       track_cache_prefix=True)
     assert other.prefix_key == estimate.prefix_key
@@ -509,7 +512,7 @@ def test_output_charge_is_max_tokens_before_any_answer():
 def test_output_charge_follows_the_answers_seen_capped_at_max_tokens():
     estimator = app.Estimator(words)
     for _ in range(20):
-        estimator.learn(MODEL, 1000, 1000, 300)
+        estimator.learn(MODEL, app.InputEstimate(text=1000), 1000, 300)
     assert 300 <= estimator.output_charge(MODEL, 4096) <= 330  # the mean, with a small margin
     assert estimator.output_charge(MODEL, 100) == 100
 
@@ -519,16 +522,25 @@ def test_estimator_learns_the_models_correction_from_answers():
     estimator = app.Estimator(words)
     for _ in range(100):
         raw = rng.randint(200, 5000)
-        estimator.learn(MODEL, raw, round(1.3 * raw * rng.uniform(0.95, 1.05)), 200)
+        estimator.learn(MODEL, app.InputEstimate(text=raw), round(1.3 * raw * rng.uniform(0.95, 1.05)), 200)
     for raw in (150, 1000, 7777, 20_000):
         assert estimator.corrected(MODEL, raw) == pytest.approx(1.3 * raw, rel=0.10)
     # Its charge adds a margin for the remaining error, but stays near the truth.
     assert 1.3 * 1000 <= estimator.input_charge(MODEL, 1000) <= 1.3 * 1000 * 1.5
 
 
+def test_image_tokens_follow_the_published_rule_and_are_not_scaled_by_the_text_correction():
+    estimator = app.Estimator(words)
+    for _ in range(50):  # text counts 1.3x ours; a 1,000-token image counts exactly its pixel rule
+        estimator.learn(MODEL, app.InputEstimate(text=500, fixed=1000), round(1.3 * 500) + 1000, 10)
+    assert estimator.calibration(MODEL).correction == pytest.approx(1.3, rel=0.01)
+    assert estimator.corrected(MODEL, 500, 1000) == pytest.approx(650 + 1000, rel=0.01)
+    assert estimator.corrected(MODEL, 0, 1600) == 1600
+
+
 def test_calibration_is_kept_per_model():
     estimator = app.Estimator(words)
-    estimator.learn("claude-haiku-4-5", 1000, 1500, 10)
+    estimator.learn("claude-haiku-4-5", app.InputEstimate(text=1000), 1500, 10)
     assert estimator.corrected(MODEL, 1000) == 1000 * app.UNCALIBRATED_INPUT_FACTOR
 
 
@@ -536,7 +548,7 @@ def test_calibration_is_kept_per_model():
 def test_correction_is_bounded(ratio, bound):
     estimator = app.Estimator(words)
     for _ in range(30):
-        estimator.learn(MODEL, 1000, round(1000 * ratio), 10)
+        estimator.learn(MODEL, app.InputEstimate(text=1000), round(1000 * ratio), 10)
     assert estimator.calibration(MODEL).correction == app.CORRECTION_FACTOR_BOUNDS[bound]
     assert estimator.corrected(MODEL, 1000) == math.ceil(1000 * app.CORRECTION_FACTOR_BOUNDS[bound])
 
