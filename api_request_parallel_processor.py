@@ -144,8 +144,15 @@ RATE_LIMIT_PAUSE_SECONDS = 15.0
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 
+# The most time we expect between sending a request and the service counting it (connection set-up,
+# upload): see TokenBucket.
+ARRIVAL_ALLOWANCE_SECONDS = 0.5
+
 # With `auto`, adopt this share of the limit the service advertises.
 AUTO_LIMIT_SHARE = 0.95
+# Follow the service's `remaining` header when it is lower than our books by more than this share of
+# the limit (someone else is using it).
+HEADER_RESYNC_TOLERANCE = 0.02
 
 # Token estimation. tiktoken's cl100k_base undercounts Claude tokens; until a model's first answer
 # calibrates it, we charge generously (the overcharge is refunded when each answer arrives, so it costs
@@ -657,11 +664,18 @@ class TokenBucket:
     """A bucket of `capacity` units refilled continuously at `refill_per_second`. Pure: time is passed in.
 
     The level may go negative when an answer shows we charged too little; it then refills from below.
+
+    `arrival_allowance_seconds`: we charge a request when it leaves, the service when it arrives. If the
+    service's bucket is full meanwhile, the refill of those moments is lost to it but not to us, and our
+    books would run ahead of the service's for the rest of the run (by 0.05 s of refill, say, from the
+    first connection's set-up). So a take from a nearly full bucket also removes what the service may lose.
     """
 
-    def __init__(self, capacity: float, refill_per_second: float, now: float, level: float | None = None):
+    def __init__(self, capacity: float, refill_per_second: float, now: float, level: float | None = None,
+                 arrival_allowance_seconds: float = 0.0):
         self.capacity = capacity
         self.refill_per_second = refill_per_second
+        self.arrival_allowance_seconds = arrival_allowance_seconds
         self._level = capacity if level is None else level
         self._updated = now
 
@@ -672,7 +686,9 @@ class TokenBucket:
         return self._level
 
     def take(self, amount: float, now: float) -> None:
-        self._level = self.level(now) - amount
+        level = self.level(now)
+        lost_at_the_service = max(0.0, level + self.refill_per_second * self.arrival_allowance_seconds - self.capacity)
+        self._level = level - amount - lost_at_the_service
 
     def give_back(self, amount: float, now: float) -> None:
         self._level = min(self.capacity, self.level(now) + amount)
@@ -721,10 +737,11 @@ class Limiter:
 
     def __init__(self, settings: dict[str, LimitSetting], now: float):
         self.settings = settings
-        self.buckets = {kind: TokenBucket(s.per_minute, s.per_minute / 60.0, now) for kind, s in settings.items()}
+        self.buckets = {kind: TokenBucket(s.per_minute, s.per_minute / 60.0, now,
+                                          arrival_allowance_seconds=ARRIVAL_ALLOWANCE_SECONDS)
+                        for kind, s in settings.items()}
         self.paused_until = 0.0
         self.advertised: dict[str, float] = {}
-        self._charged_total = dict.fromkeys(LIMIT_KINDS, 0.0)  # running sums, to resync from headers
 
     def seconds_until_admissible(self, need: Need, now: float) -> float:
         waits = [self.paused_until - now,
@@ -733,17 +750,14 @@ class Limiter:
                  self.buckets["output-tokens"].seconds_until(need.output_tokens, now)]
         return max(0.0, *waits)
 
-    def take(self, need: Need, now: float) -> dict[str, float]:
-        """Charge an attempt; returns the running sums including it, for `observe_headers` later."""
+    def take(self, need: Need, now: float) -> None:
+        """Charge an attempt when it leaves."""
         for kind, amount in zip(LIMIT_KINDS, (need.requests, need.input_tokens, need.output_tokens)):
             self.buckets[kind].take(amount, now)
-            self._charged_total[kind] += amount
-        return dict(self._charged_total)
 
     def settle(self, kind: str, charged: float, actual: float, now: float) -> None:
         """Correct a bucket once the real amount is known."""
         difference = actual - charged
-        self._charged_total[kind] += difference
         if difference > 0:
             self.buckets[kind].take(difference, now)
         elif difference < 0:
@@ -752,12 +766,14 @@ class Limiter:
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
 
-    def observe_headers(self, headers: Any, charged_mark: dict[str, float] | None, now: float) -> list[str]:
+    def observe_headers(self, headers: Any, now: float) -> list[str]:
         """Read `anthropic-ratelimit-*`: adopt `auto` limits, and lower a bucket the service says is lower.
 
-        The service's `remaining` was computed when it answered, before it saw what we sent since this
-        attempt left; so we compare it with our level plus what we charged since then. Returns notices
-        about the advertised limits (once per kind), for the caller to log.
+        Our books charge every request when it leaves and the service charges it when it arrives, so our
+        level is normally at or below the service's `remaining`; when the service reports clearly less,
+        someone else shares the limit (another process, another machine), and we follow the service.
+        We never raise a bucket from a header. Returns notices about the advertised limits (once per
+        kind), for the caller to log.
         """
         notices = []
         for kind in LIMIT_KINDS:
@@ -774,16 +790,12 @@ class Limiter:
                 elif first_time and limit >= 2 * setting.per_minute:
                     notices.append(f"the service allows {limit:,.0f} {kind.replace('-', ' ')}/min for this model; "
                                    f"you set {setting.per_minute:,.0f}; pass auto to use it")
-            if remaining is None or charged_mark is None:
+            if remaining is None:
                 continue
-            # Token counts in headers are rounded to the nearest thousand.
-            slack = 500.0 if kind != "requests" else 0.0
-            sent_since = self._charged_total[kind] - charged_mark[kind]
-            service_level = remaining - slack - sent_since
-            ours = bucket.level(now)
-            tolerance = max(1.0 if kind == "requests" else 1000.0, 0.02 * bucket.capacity)
-            if service_level < ours - tolerance:
-                bucket.lower_to(max(service_level, -bucket.capacity), now)
+            # Token counts are rounded to the nearest thousand; a small difference is noise.
+            tolerance = max(1.0 if kind == "requests" else 1000.0, HEADER_RESYNC_TOLERANCE * bucket.capacity)
+            if remaining < bucket.level(now) - tolerance:
+                bucket.lower_to(remaining, now)
         return notices
 
 
@@ -1440,7 +1452,6 @@ class Attempt:
     job: Job
     limiter_key: str
     need: Need
-    charged_mark: dict[str, float]
     cache_writer: bool
 
 
@@ -1652,7 +1663,7 @@ class Scheduler:
         key = model_class(job.model)
         need = self.need_of(job)
         limiter = self.limiters[key]
-        mark = limiter.take(need, now)
+        limiter.take(need, now)
         prefix = job.estimate.prefix_key
         cache_writer = bool(self.settings.use_caching and prefix
                             and self.prefix_state.get(prefix) not in (PrefixState.WARM, PrefixState.UNCACHEABLE))
@@ -1662,7 +1673,7 @@ class Scheduler:
         self.stats.attempts += 1
         logger.trace(f"line {job.line_number}: attempt {job.attempts} sent, charged {need}")
         task = asyncio.create_task(self.attempt(job))
-        self.in_flight[task] = Attempt(job, key, need, mark, cache_writer)
+        self.in_flight[task] = Attempt(job, key, need, cache_writer)
         task.add_done_callback(self.on_task_done)
 
     async def attempt(self, job: Job) -> tuple[Outcome, Any]:
@@ -1694,11 +1705,6 @@ class Scheduler:
     def settle(self, attempt: Attempt, outcome: Outcome, headers: Any) -> None:
         job, now = attempt.job, self.clock()
         limiter = self.limiters[attempt.limiter_key]
-        if headers is not None:
-            for notice in limiter.observe_headers(headers, attempt.charged_mark, now):
-                if notice not in self.notices_given:
-                    self.notices_given.add(notice)
-                    logger.info(notice)
         if isinstance(outcome, Success):
             self.settle_success(attempt, outcome.message, limiter, now)
         elif isinstance(outcome, Retry):
@@ -1709,6 +1715,12 @@ class Scheduler:
             self.finish_failed(attempt)
         else:
             self.abort_reason = outcome.reason
+        if headers is not None:
+            # After our own correction, so that the service's word is the last.
+            for notice in limiter.observe_headers(headers, now):
+                if notice not in self.notices_given:
+                    self.notices_given.add(notice)
+                    logger.info(notice)
         if job is self.caching_probe and (isinstance(outcome, (Success, Fail)) or job.attempts >= self.settings.max_attempts):
             self.report_caching_check(job, outcome, now)
 
@@ -1739,6 +1751,9 @@ class Scheduler:
             limiter.settle("output-tokens", attempt.need.output_tokens, 0, now)
         delay = retry.after_seconds
         if retry.rate_limited:
+            # A 429 was not admitted, so it cost nothing: refund it (the headers then set the level).
+            limiter.settle("input-tokens", attempt.need.input_tokens, 0, now)
+            limiter.settle("requests", attempt.need.requests, 0, now)
             self.stats.rate_limited += 1
             pause = RATE_LIMIT_PAUSE_SECONDS if delay is None else delay
             limiter.pause(now + pause)

@@ -631,12 +631,26 @@ def limits(requests=60, input_tokens=6000, output_tokens=600, auto=False) -> dic
             "output-tokens": app.LimitSetting(output_tokens, auto)}
 
 
+def full_bucket_loss(per_minute: float) -> float:
+    """What a take from a full bucket also removes: the refill the service may lose meanwhile."""
+    return per_minute / 60 * app.ARRIVAL_ALLOWANCE_SECONDS
+
+
+def test_a_take_from_a_full_bucket_also_charges_what_the_service_may_lose_in_transit():
+    bucket = app.TokenBucket(60, 1, now=0, arrival_allowance_seconds=0.5)
+    bucket.take(10, 0)
+    assert bucket.level(0) == 60 - 10 - 0.5
+    bucket.take(10, 0)  # far from full: nothing more is lost
+    assert bucket.level(0) == 60 - 20 - 0.5
+
+
 def test_limiter_waits_for_the_slowest_of_its_three_buckets():
     limiter = app.Limiter(limits(60, 6000, 600), now=0)  # refills 1, 100 and 10 per second
     limiter.take(app.Need(60, 6000, 600), 0)
-    assert limiter.seconds_until_admissible(app.Need(1, 500, 100), 0) == 10  # output: 100 at 10/s
-    assert limiter.seconds_until_admissible(app.Need(1, 1500, 10), 0) == 15  # input: 1500 at 100/s
-    assert limiter.seconds_until_admissible(app.Need(5, 100, 10), 0) == 5  # requests: 5 at 1/s
+    extra = app.ARRIVAL_ALLOWANCE_SECONDS  # each bucket was full: half a second of refill more
+    assert limiter.seconds_until_admissible(app.Need(1, 500, 100), 0) == 10 + extra  # output: 100 at 10/s
+    assert limiter.seconds_until_admissible(app.Need(1, 1500, 10), 0) == 15 + extra  # input: 1500 at 100/s
+    assert limiter.seconds_until_admissible(app.Need(5, 100, 10), 0) == 5 + extra  # requests: 5 at 1/s
 
 
 def test_limiter_admits_at_once_when_all_buckets_hold_enough():
@@ -656,21 +670,21 @@ def test_settle_takes_more_when_the_answer_used_more():
     limiter = app.Limiter(limits(), now=0)
     limiter.take(app.Need(1, 1000, 100), 0)
     limiter.settle("input-tokens", 1000, 1500, 0)
-    assert limiter.buckets["input-tokens"].level(0) == 6000 - 1500
+    assert limiter.buckets["input-tokens"].level(0) == 6000 - 1500 - full_bucket_loss(6000)
 
 
 def test_settle_gives_back_when_the_answer_used_less():
     limiter = app.Limiter(limits(), now=0)
     limiter.take(app.Need(1, 1000, 100), 0)
     limiter.settle("output-tokens", 100, 30, 0)
-    assert limiter.buckets["output-tokens"].level(0) == 600 - 30
+    assert limiter.buckets["output-tokens"].level(0) == 600 - 30 - full_bucket_loss(600)
 
 
 def test_auto_limit_adopts_95_percent_of_the_advertised_limit():
     limiter = app.Limiter(limits(40, 16000, 6400, auto=True), now=0)
     notices = limiter.observe_headers({"anthropic-ratelimit-requests-limit": "1000",
                                        "anthropic-ratelimit-input-tokens-limit": "400000",
-                                       "anthropic-ratelimit-output-tokens-limit": "80000"}, None, 0)
+                                       "anthropic-ratelimit-output-tokens-limit": "80000"}, 0)
     assert notices == []
     assert limiter.buckets["requests"].capacity == pytest.approx(950)
     assert limiter.buckets["requests"].refill_per_second == pytest.approx(950 / 60)
@@ -682,17 +696,17 @@ def test_auto_limit_adopts_95_percent_of_the_advertised_limit():
 def test_numeric_limit_is_kept_and_a_much_higher_advertised_limit_is_noticed_once():
     limiter = app.Limiter(limits(40, 16000, 6400), now=0)
     headers = {"anthropic-ratelimit-requests-limit": "100"}
-    notices = limiter.observe_headers(headers, None, 0)
+    notices = limiter.observe_headers(headers, 0)
     assert len(notices) == 1
     assert "100" in notices[0] and "auto" in notices[0]
-    assert limiter.observe_headers(headers, None, 1) == []
+    assert limiter.observe_headers(headers, 1) == []
     assert limiter.buckets["requests"].capacity == 40
 
 
 def test_advertised_limit_below_twice_ours_gives_no_notice():
     limiter = app.Limiter(limits(40, 16000, 6400), now=0)
     assert limiter.observe_headers({"anthropic-ratelimit-requests-limit": "79",
-                                    "anthropic-ratelimit-input-tokens-limit": "20000"}, None, 0) == []
+                                    "anthropic-ratelimit-input-tokens-limit": "20000"}, 0) == []
 
 
 def input_remaining(value: float) -> dict:
@@ -700,27 +714,28 @@ def input_remaining(value: float) -> dict:
 
 
 def test_bucket_is_lowered_when_the_service_says_clearly_less_remains():
+    # Another process shares the limit: the service has 40,000 left where our books say 90,000.
     limiter = app.Limiter(limits(1000, 100_000, 100_000), now=0)
-    mark = limiter.take(app.Need(1, 5000, 100), 0)
-    limiter.take(app.Need(1, 5000, 100), 0)  # sent after the first; the service had not seen it yet
-    limiter.observe_headers(input_remaining(40_000), mark, 0)
-    assert limiter.buckets["input-tokens"].level(0) <= 40_000 - 5000
+    limiter.take(app.Need(1, 5000, 100), 0)
+    limiter.take(app.Need(1, 5000, 100), 0)
+    limiter.observe_headers(input_remaining(40_000), 0)
+    assert limiter.buckets["input-tokens"].level(0) == 40_000
 
 
 def test_bucket_is_never_raised_by_the_service_headers():
     limiter = app.Limiter(limits(1000, 100_000, 100_000), now=0)
-    mark = limiter.take(app.Need(1, 5000, 100), 0)
-    limiter.observe_headers(input_remaining(100_000), mark, 0)
-    assert limiter.buckets["input-tokens"].level(0) == 95_000
+    limiter.take(app.Need(1, 5000, 100), 0)
+    before = limiter.buckets["input-tokens"].level(0)
+    limiter.observe_headers(input_remaining(100_000), 0)
+    assert limiter.buckets["input-tokens"].level(0) == before
 
 
-def test_bucket_is_not_lowered_when_the_service_agrees_with_our_books():
+def test_bucket_is_not_lowered_for_a_small_difference_such_as_rounding():
     limiter = app.Limiter(limits(1000, 100_000, 100_000), now=0)
-    mark = limiter.take(app.Need(1, 5000, 100), 0)
-    limiter.take(app.Need(1, 5000, 100), 0)  # a second attempt, sent after the first left
-    # The service answered the first attempt having counted it: 100,000 - 5,000 remain.
-    limiter.observe_headers(input_remaining(95_000), mark, 0)
-    assert limiter.buckets["input-tokens"].level(0) == 90_000
+    limiter.take(app.Need(1, 5000, 100), 0)
+    before = limiter.buckets["input-tokens"].level(0)  # about 94,167
+    limiter.observe_headers(input_remaining(94_000), 0)  # rounded down to the thousand
+    assert limiter.buckets["input-tokens"].level(0) == before
 
 
 # ======================================================================================================
@@ -1229,3 +1244,20 @@ def test_redactor_removes_the_api_key():
 def test_redactor_without_a_key_changes_nothing():
     assert app.make_redactor(None)("text") == "text"
     assert app.make_redactor("")("text") == "text"
+
+
+def test_sampling_counter_counts_short_texts_exactly_and_long_ones_from_samples():
+    calls = []
+
+    def encode(text):
+        calls.append(len(text))
+        return text.split()
+
+    count = app.sampling_counter(encode, exact_up_to_chars=100, sample_chars=20)
+    assert count("one two three") == 3
+    long_text = "word " * 1000  # 5,000 characters, 1,000 words
+    assert count(long_text) == pytest.approx(1000, rel=0.1)
+    assert calls[-3:] == [20, 20, 20]  # three samples, not the whole text
+    calls.clear()
+    assert count(long_text) == pytest.approx(1000, rel=0.1)  # a repeated long text is remembered
+    assert calls == []
