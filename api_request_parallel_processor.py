@@ -151,8 +151,17 @@ ARRIVAL_ALLOWANCE_SECONDS = 0.5
 # With `auto`, adopt this share of the limit the service advertises.
 AUTO_LIMIT_SHARE = 0.95
 # Follow the service's `remaining` header when it is lower than our books by more than this share of
-# the limit (someone else is using it).
-HEADER_RESYNC_TOLERANCE = 0.02
+# the limit (and the rounding of token counts): someone else is using it. Learn the others' rate of use
+# at this rate, and halve the estimate after this long without a deficit.
+HEADER_RESYNC_TOLERANCE = 0.005
+FOREIGN_USE_LEARNING_RATE = 0.3
+FOREIGN_USE_DECAY_SECONDS = 10.0
+# Until a model's first answer arrives, send one request to it alone (streamed in `--stream auto`, so
+# its headers come back before the answer is written), for at most this long: its rate-limit headers
+# tell us whether someone else is already using the limit, before we send a full bucket's worth.
+FIRST_CONTACT_PATIENCE_SECONDS = 5.0
+# Then hand out the full buckets over this many seconds rather than at once (see TokenBucket.ramp_up).
+RAMP_UP_SECONDS = 2.0
 
 # Token estimation. tiktoken's cl100k_base undercounts Claude tokens; until a model's first answer
 # calibrates it, we charge generously (the overcharge is refunded when each answer arrives, so it costs
@@ -162,6 +171,7 @@ TOKENIZE_EXACTLY_UP_TO_CHARS = 600  # longer texts are counted from three sample
 TOKENIZE_SAMPLE_CHARS = 200
 CORRECTION_FACTOR_BOUNDS = (0.5, 4.0)
 CORRECTION_LEARNING_RATE = 0.1  # weight of each new answer once a few have arrived
+OUTPUT_PRIOR_ANSWERS = 4  # max_tokens weighs as much as this many answers in the output estimate
 PER_MESSAGE_OVERHEAD_TOKENS = 4
 PER_REQUEST_OVERHEAD_TOKENS = 8
 IMAGE_MAX_LONG_EDGE_PIXELS = 1568
@@ -592,6 +602,7 @@ class ModelCalibration:
     log_correction: float = 0.0  # running mean of log(actual input / estimated input)
     log_spread: float = 0.0  # running mean of |log error| of the corrected estimate
     output_tokens_mean: float = 0.0
+    output_tokens_deviation: float = 0.0  # running mean of |output - mean|
 
     @property
     def correction(self) -> float:
@@ -634,10 +645,18 @@ class Estimator:
         return math.ceil(self.corrected(model, text_tokens, fixed_tokens) * margin)
 
     def output_charge(self, model: str, max_tokens: int) -> int:
+        """Output tokens to reserve at dispatch: max_tokens at first, then what answers have taught us.
+
+        A generous estimate (the mean plus twice the mean deviation) costs little, as the reservation is
+        corrected when each answer arrives; a stingy one, applied to a whole burst, would overrun the
+        limit. The first answers to arrive are the short ones, so max_tokens keeps some weight until a
+        few dozen have come back.
+        """
         calibration = self.calibration(model)
-        if calibration.answers == 0:
-            return max_tokens
-        return max(1, min(max_tokens, math.ceil(calibration.output_tokens_mean * 1.1)))
+        learned = calibration.output_tokens_mean + 2 * calibration.output_tokens_deviation
+        prior_weight = OUTPUT_PRIOR_ANSWERS / (OUTPUT_PRIOR_ANSWERS + calibration.answers)
+        expected = prior_weight * max_tokens + (1 - prior_weight) * learned
+        return max(1, min(max_tokens, math.ceil(expected)))
 
     def learn(self, model: str, estimate: InputEstimate, actual_input: int, actual_output: int) -> None:
         """Fold one answer's usage (all input tokens, cached or not, and output) into the calibration."""
@@ -652,6 +671,8 @@ class Estimator:
                 error = abs(math.log(actual_input / predicted))
                 calibration.log_spread += weight * (error - calibration.log_spread)
             calibration.log_correction += weight * (observed - calibration.log_correction)
+        deviation = abs(actual_output - calibration.output_tokens_mean) if calibration.answers > 1 else 0.0
+        calibration.output_tokens_deviation += weight * (deviation - calibration.output_tokens_deviation)
         calibration.output_tokens_mean += weight * (actual_output - calibration.output_tokens_mean)
 
 
@@ -678,12 +699,26 @@ class TokenBucket:
         self.arrival_allowance_seconds = arrival_allowance_seconds
         self._level = capacity if level is None else level
         self._updated = now
+        self._ramp_per_second = 0.0  # see ramp_up()
+        self._ramp_until = now
 
     def level(self, now: float) -> float:
         if now > self._updated:
-            self._level = min(self.capacity, self._level + (now - self._updated) * self.refill_per_second)
+            gained = (now - self._updated) * self.refill_per_second
+            if self._ramp_until > self._updated:
+                gained += (min(now, self._ramp_until) - self._updated) * self._ramp_per_second
+            self._level = min(self.capacity, self._level + gained)
             self._updated = now
         return self._level
+
+    def ramp_up(self, seconds: float, now: float) -> None:
+        """Hand out the full bucket over `seconds` instead of at once: the same total by then, but no
+        sudden burst (the service throttles steep ramps, and others sharing the limit get time to show
+        up in its headers before we have spent it all)."""
+        self.level(now)
+        self._level -= self.capacity
+        self._ramp_per_second = self.capacity / seconds
+        self._ramp_until = now + seconds
 
     def take(self, amount: float, now: float) -> None:
         level = self.level(now)
@@ -693,17 +728,36 @@ class TokenBucket:
     def give_back(self, amount: float, now: float) -> None:
         self._level = min(self.capacity, self.level(now) + amount)
 
+    def ramping(self, now: float) -> bool:
+        return now < self._ramp_until
+
+    def available(self, now: float) -> float:
+        """The level plus what a ramp-up has yet to hand out: what our books say the service holds."""
+        return self.level(now) + max(0.0, self._ramp_until - now) * self._ramp_per_second
+
     def lower_to(self, level: float, now: float) -> None:
-        self._level = min(self.level(now), level)
+        """The service holds less than our books: believe it (and hand out no more of a ramp-up)."""
+        if self.available(now) > level:
+            self._level = min(self._level, level)
+            self._ramp_until = now
 
     def seconds_until(self, amount: float, now: float) -> float:
         """Seconds until the bucket holds `amount` (a need above capacity waits for a full bucket)."""
         missing = min(amount, self.capacity) - self.level(now)
         if missing <= 0:
             return 0.0
+        ramp_seconds = max(0.0, self._ramp_until - now)
+        ramped = ramp_seconds * (self.refill_per_second + self._ramp_per_second)
+        if missing <= ramped:
+            return missing / (self.refill_per_second + self._ramp_per_second)
         if self.refill_per_second <= 0:
             return math.inf
-        return missing / self.refill_per_second
+        return ramp_seconds + (missing - ramped) / self.refill_per_second
+
+    def set_refill(self, per_second: float, now: float) -> None:
+        """Change only the refill rate (the capacity stays), from `now` on."""
+        self.level(now)
+        self.refill_per_second = per_second
 
     def set_rate(self, per_minute: float, now: float) -> None:
         """Change the limit; the level keeps its value, so a higher limit ramps up instead of bursting."""
@@ -742,6 +796,9 @@ class Limiter:
                         for kind, s in settings.items()}
         self.paused_until = 0.0
         self.advertised: dict[str, float] = {}
+        # What others sharing the service's limit seem to use, per second: see observe_headers.
+        self.foreign_per_second = dict.fromkeys(LIMIT_KINDS, 0.0)
+        self.last_resync = dict.fromkeys(LIMIT_KINDS, now)
 
     def seconds_until_admissible(self, need: Need, now: float) -> float:
         waits = [self.paused_until - now,
@@ -763,17 +820,26 @@ class Limiter:
         elif difference < 0:
             self.buckets[kind].give_back(-difference, now)
 
+    def ramping(self, now: float) -> bool:
+        return any(bucket.ramping(now) for bucket in self.buckets.values())
+
+    def ramp_up(self, now: float) -> None:
+        """Our first contact with this model answered: spread the full buckets over the next seconds."""
+        for bucket in self.buckets.values():
+            bucket.ramp_up(RAMP_UP_SECONDS, now)
+
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
 
     def observe_headers(self, headers: Any, now: float) -> list[str]:
-        """Read `anthropic-ratelimit-*`: adopt `auto` limits, and lower a bucket the service says is lower.
+        """Read `anthropic-ratelimit-*`: adopt `auto` limits, and follow the service when it has less.
 
         Our books charge every request when it leaves and the service charges it when it arrives, so our
-        level is normally at or below the service's `remaining`; when the service reports clearly less,
-        someone else shares the limit (another process, another machine), and we follow the service.
-        We never raise a bucket from a header. Returns notices about the advertised limits (once per
-        kind), for the caller to log.
+        level is normally at or below the service's `remaining`. When the service reports clearly less,
+        someone else shares the limit (another process, another machine): we lower our level to the
+        service's, and from the deficits over time estimate the others' rate of use, which we then leave
+        to them by refilling that much slower (it decays when the deficits stop). We never raise a
+        bucket from a header. Returns notices about the advertised limits, for the caller to log once.
         """
         notices = []
         for kind in LIMIT_KINDS:
@@ -787,16 +853,37 @@ class Limiter:
                     target = limit * AUTO_LIMIT_SHARE
                     if abs(target - bucket.capacity) > 1e-9:
                         bucket.set_rate(target, now)
+                        self.apply_foreign_use(kind, now)
                 elif first_time and limit >= 2 * setting.per_minute:
                     notices.append(f"the service allows {limit:,.0f} {kind.replace('-', ' ')}/min for this model; "
                                    f"you set {setting.per_minute:,.0f}; pass auto to use it")
             if remaining is None:
                 continue
             # Token counts are rounded to the nearest thousand; a small difference is noise.
-            tolerance = max(1.0 if kind == "requests" else 1000.0, HEADER_RESYNC_TOLERANCE * bucket.capacity)
-            if remaining < bucket.level(now) - tolerance:
+            tolerance = 1.0 if kind == "requests" else 1000.0 + HEADER_RESYNC_TOLERANCE * bucket.capacity
+            deficit = bucket.available(now) - remaining
+            since = now - self.last_resync[kind]
+            if deficit > tolerance:
+                # Since the last resync we already left them foreign_per_second; the deficit is the rest.
+                sample = self.foreign_per_second[kind] + deficit / max(since, 0.1)
+                self.foreign_per_second[kind] += FOREIGN_USE_LEARNING_RATE * (sample - self.foreign_per_second[kind])
+                self.last_resync[kind] = now
                 bucket.lower_to(remaining, now)
+                self.apply_foreign_use(kind, now)
+            elif self.foreign_per_second[kind] and (since > FOREIGN_USE_DECAY_SECONDS
+                                                     or (-deficit > tolerance and since > 1.0)):
+                # No deficit for a long while, or the service holds clearly more than we thought: the
+                # others use less now. Halve our estimate of them (a deficit will correct it if wrong).
+                self.foreign_per_second[kind] /= 2
+                self.last_resync[kind] = now
+                self.apply_foreign_use(kind, now)
         return notices
+
+    def apply_foreign_use(self, kind: str, now: float) -> None:
+        """Refill at our limit less what others seem to use (never below a tenth of our limit)."""
+        bucket = self.buckets[kind]
+        base = bucket.capacity / 60.0
+        bucket.set_refill(max(0.1 * base, base - self.foreign_per_second[kind]), now)
 
 
 def parse_number(value: Any) -> float | None:
@@ -1319,6 +1406,22 @@ class Transport:
     stream_mode: str = "auto"
     request_timeout_seconds: float | None = None  # None: 600 s, growing with max_tokens
     stream_idle_timeout_seconds: float = DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS
+    proxy: str | None = None
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment (HTTPS_PROXY, NO_PROXY...) sets for this URL, looked up once per run.
+
+    aiohttp's trust_env would look it up (and .netrc) in a worker thread for every request, which costs
+    a third of the throughput and, under load, floods the loop's wake-up pipe so that Ctrl-C is lost.
+    """
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(url)
+    if not parts.hostname or proxy_bypass(parts.hostname):
+        return None
+    return getproxies().get(parts.scheme)
 
 
 def build_headers(api_key: str, anthropic_version: str, anthropic_beta: str | None) -> dict[str, str]:
@@ -1328,20 +1431,26 @@ def build_headers(api_key: str, anthropic_version: str, anthropic_beta: str | No
     return headers
 
 
-async def send_attempt(transport: Transport, body: dict) -> tuple[Outcome, Any]:
-    """Send one attempt and classify its answer: (outcome, response headers or None).
+async def send_attempt(transport: Transport, body: dict, on_stream_start: Callable[[Any], None] | None = None,
+                       prefer_stream: bool = False) -> tuple[Outcome, Any]:
+    """Send one attempt and classify its answer: (outcome, response headers to read, or None).
 
+    A stream's headers arrive before its answer: they go to `on_stream_start` at once (and None is
+    returned in their place). `prefer_stream` streams this attempt in `--stream auto` even if short.
     This is the boundary where aiohttp's exceptions become outcomes: "no answer came back" (connection
     errors, timeouts, broken streams) is a Retry; "the server answered" goes through classify().
     """
-    streaming = should_stream(body, transport.stream_mode)
+    streaming = should_stream(body, transport.stream_mode) or (prefer_stream and transport.stream_mode == "auto")
     payload = dict(body, stream=True) if streaming else body
     data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     if streaming:
-        # For a stream the clock measures silence between events, not the length of the answer.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS,
-                                        sock_read=transport.stream_idle_timeout_seconds)
-        limit_text = f"no event for {transport.stream_idle_timeout_seconds:g} s"
+        # For a stream the clock measures silence between events, not the length of the answer (and
+        # no silence may outlast an explicit --request_timeout either).
+        idle = transport.stream_idle_timeout_seconds
+        if transport.request_timeout_seconds is not None:
+            idle = min(idle, transport.request_timeout_seconds)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS, sock_read=idle)
+        limit_text = f"no event for {idle:g} s"
     else:
         seconds = non_streaming_timeout(body["max_tokens"], transport.request_timeout_seconds)
         timeout = aiohttp.ClientTimeout(total=seconds, sock_connect=CONNECT_TIMEOUT_SECONDS)
@@ -1349,10 +1458,13 @@ async def send_attempt(transport: Transport, body: dict) -> tuple[Outcome, Any]:
     headers = None
     try:
         async with transport.session.post(transport.url, data=data, headers=transport.headers,
-                                          timeout=timeout) as response:
+                                          timeout=timeout, proxy=transport.proxy) as response:
             headers = response.headers
             content_type = response.headers.get("content-type", "")
             if streaming and response.status == 200 and content_type.startswith("text/event-stream"):
+                if on_stream_start is not None:
+                    on_stream_start(headers)
+                    headers = None
                 return await read_event_stream(response), headers
             return classify(response.status, headers, await response.read()), headers
     except (asyncio.TimeoutError, TimeoutError):
@@ -1512,6 +1624,8 @@ class Scheduler:
         self.abort_reason: str | None = None  # the service refused the run
         self.next_progress_log = clock() + PROGRESS_LOG_INTERVAL_SECONDS
         self.notices_given: set[str] = set()
+        self.first_contact_sent: dict[str, float] = {}  # model -> when its first request left
+        self.contacted: set[str] = set()  # models that have answered at least once
 
     # ----- the loop -----------------------------------------------------------------------------------
 
@@ -1562,7 +1676,11 @@ class Scheduler:
             moments.append(self.dispatch_paused_until)
         elif self.can_launch_more():
             for key, queue in self.ready.items():
-                if queue:
+                if not queue:
+                    continue
+                if self.awaiting_first_contact(key, now):
+                    moments.append(self.first_contact_sent[key] + FIRST_CONTACT_PATIENCE_SECONDS)
+                else:
                     moments.append(now + self.limiters[key].seconds_until_admissible(self.need_of(queue[0]), now))
         return max(0.0, min(moments) - now)
 
@@ -1605,6 +1723,8 @@ class Scheduler:
                         continue
                     if self.caching_probe is not None and job is not self.caching_probe:
                         break  # only the cache check's own retry may go until it is answered
+                    if self.awaiting_first_contact(key, now):
+                        break
                     if self.limiters[key].seconds_until_admissible(self.need_of(job), now) <= 0:
                         return queue.popleft()
                     break
@@ -1632,6 +1752,12 @@ class Scheduler:
             return True
         self.input_exhausted = True
         return False
+
+    def awaiting_first_contact(self, key: str, now: float) -> bool:
+        """True while this model's first request is out and has not answered (for a few seconds at most)."""
+        if key in self.contacted or key not in self.first_contact_sent:
+            return False
+        return now < self.first_contact_sent[key] + FIRST_CONTACT_PATIENCE_SECONDS
 
     def jobs_waiting(self) -> int:
         return sum(len(queue) for queue in self.ready.values()) + sum(len(h) for h in self.held.values())
@@ -1671,21 +1797,46 @@ class Scheduler:
             self.prefix_state[prefix] = PrefixState.WRITING
         job.attempts += 1
         self.stats.attempts += 1
+        first_contact = key not in self.contacted and key not in self.first_contact_sent
+        if first_contact:
+            self.first_contact_sent[key] = now
+        # While we learn who else uses the limit (first contact, ramp-up), stream: a stream's headers
+        # come back as soon as the service admits it, not when the answer is done.
+        early_headers = first_contact or limiter.ramping(now)
         logger.trace(f"line {job.line_number}: attempt {job.attempts} sent, charged {need}")
-        task = asyncio.create_task(self.attempt(job))
+        task = asyncio.create_task(self.attempt(job, key, early_headers))
         self.in_flight[task] = Attempt(job, key, need, cache_writer)
         task.add_done_callback(self.on_task_done)
 
-    async def attempt(self, job: Job) -> tuple[Outcome, Any]:
+    async def attempt(self, job: Job, key: str, early_headers: bool) -> tuple[Outcome, Any]:
         # The one guard around each request: a bug of ours becomes a retry with the line number logged,
         # never a lost request or a dead run.
         try:
-            return await self.send(job.body)
+            return await self.send(job.body, on_stream_start=lambda headers: self.on_stream_start(key, headers),
+                                   prefer_stream=early_headers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.opt(exception=exc).error(f"line {job.line_number}: internal error while sending: {exc!r}")
             return Retry(f"internal error: {type(exc).__name__}: {exc}", kind="internal"), None
+
+    def on_stream_start(self, key: str, headers: Any) -> None:
+        """A stream began: its rate-limit headers are news before its answer is complete."""
+        self.make_contact(key)
+        self.observe_headers(self.limiters[key], headers)
+        self.wake.set()
+
+    def make_contact(self, key: str) -> None:
+        """The model answered for the first time: from now on its buckets are spent, ramping up."""
+        if key not in self.contacted:
+            self.contacted.add(key)
+            self.limiters[key].ramp_up(self.clock())
+
+    def observe_headers(self, limiter: Limiter, headers: Any) -> None:
+        for notice in limiter.observe_headers(headers, self.clock()):
+            if notice not in self.notices_given:
+                self.notices_given.add(notice)
+                logger.info(notice)
 
     def on_task_done(self, task: asyncio.Task) -> None:
         self.finished_tasks.append(task)
@@ -1715,12 +1866,10 @@ class Scheduler:
             self.finish_failed(attempt)
         else:
             self.abort_reason = outcome.reason
+        self.make_contact(attempt.limiter_key)
         if headers is not None:
             # After our own correction, so that the service's word is the last.
-            for notice in limiter.observe_headers(headers, now):
-                if notice not in self.notices_given:
-                    self.notices_given.add(notice)
-                    logger.info(notice)
+            self.observe_headers(limiter, headers)
         if job is self.caching_probe and (isinstance(outcome, (Success, Fail)) or job.attempts >= self.settings.max_attempts):
             self.report_caching_check(job, outcome, now)
 
@@ -1939,11 +2088,12 @@ class BatchClient:
                  max_attempts: int, rng: random.Random):
         self.session, self.base, self.headers = session, batches_url(request_url), headers
         self.max_attempts, self.rng = max_attempts, rng
+        self.proxy = proxy_for(request_url)
 
     async def call(self, method: str, url: str, data: Any = None, data_factory: Callable[[], Any] | None = None) -> dict:
         for attempt in range(1, max(self.max_attempts, 3) + 1):
             try:
-                async with self.session.request(method, url, headers=self.headers,
+                async with self.session.request(method, url, headers=self.headers, proxy=self.proxy,
                                                 data=data_factory() if data_factory else data,
                                                 timeout=aiohttp.ClientTimeout(total=600)) as response:
                     body = await response.read()
@@ -1982,7 +2132,8 @@ class BatchClient:
     async def results(self, batch: dict) -> Any:
         """Yield result items one by one from the results file, without holding it in memory."""
         url = batch.get("results_url") or f"{self.base}/{batch['id']}/results"
-        async with self.session.get(url, headers=self.headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=300)) as response:
+        async with self.session.get(url, headers=self.headers, proxy=self.proxy,
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=300)) as response:
             if response.status != 200:
                 outcome = classify(response.status, response.headers, await response.read())
                 if isinstance(outcome, Abort):
@@ -2500,7 +2651,7 @@ async def process_api_requests_from_file(
     abort_reason: str | None = None
     headers = build_headers(api_key, anthropic_version, anthropic_beta)
     try:
-        async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
+        async with aiohttp.ClientSession(connector=connector) as session:
             if batch or batch_cancel:
                 stop = asyncio.Event()
                 client = BatchClient(session, request_url, headers, max_attempts, random.Random())
@@ -2511,12 +2662,14 @@ async def process_api_requests_from_file(
                     except RunAborted as exc:
                         abort_reason = str(exc)
             else:
-                transport = Transport(session, request_url, headers, stream, request_timeout, stream_idle_timeout)
+                transport = Transport(session, request_url, headers, stream, request_timeout, stream_idle_timeout,
+                                      proxy_for(request_url))
                 scheduler = Scheduler(
                     read_jobs(requests_path),
                     SchedulerSettings(limits, max_attempts, max_in_flight, bool(use_caching), shutdown_grace,
                                       backoff_scale),
-                    send=lambda body: send_attempt(transport, body), writer=writer, estimator=Estimator(count_tokens),
+                    send=lambda body, **options: send_attempt(transport, body, **options), writer=writer,
+                    estimator=Estimator(count_tokens),
                     stats=stats, resume_index=resume_index, on_progress=bar.update if bar else None)
                 if bar:
                     bar.scheduler = scheduler

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,10 +41,14 @@ LOGS = OUT / "logs"
 PY = sys.executable
 MODEL = "claude-sonnet-4-5"
 API_KEY = "bench-not-a-real-key"
+STOP_ESCALATION_SECONDS = 15.0  # after a SIGINT, wait this long before a second one, then SIGKILL
+MEMORY_CONCURRENCY = 1000  # the same cap on requests in flight for both memory runs
 
 sys.path.insert(0, str(ROOT / "tests"))
 import fake_server as fs  # noqa: E402  (the fake server is imported, never modified)
 
+BASELINE_CLIENTS = ("processor", "semaphore_baseline")
+OVERHEAD_CLIENTS = ("ceiling", "ceiling_trust_env", "processor")
 SECTIONS = ("efficiency", "overhead", "memory", "baseline", "chart")
 
 # Sizes of the full run and of --quick.
@@ -51,14 +57,14 @@ FULL = dict(
     n_rpm=3000, n_itpm=2000, n_otpm=2000, n_mix=600, mix_block=50,
     overhead_n=20_000, overhead_concurrency=64,
     memory_small=10_000, memory_big=1_000_000, memory_stop_after=10_000,
-    baseline_scale=0.3, baseline_n=80,
+    baseline_workloads=[("tier2", 1.0, 220), ("tier2_x0.3", 0.3, 80)],
 )
 QUICK = dict(
     latency=(0.2, 1.0), target_seconds=4.0,
     n_rpm=600, n_itpm=400, n_otpm=400, n_mix=200, mix_block=25,
     overhead_n=3000, overhead_concurrency=64,
     memory_small=2000, memory_big=100_000, memory_stop_after=2000,
-    baseline_scale=0.3, baseline_n=40,
+    baseline_workloads=[("tier2", 1.0, 200), ("tier2_x0.3", 0.3, 40)],
 )
 
 
@@ -128,12 +134,16 @@ def run_child(cmd: list[str], name: str, *, timeout: float, cwd: Path, sample_rs
     """
     LOGS.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = LOGS / f"{name}.out", LOGS / f"{name}.log"
+    processor_version = processor_digest() if str(PROCESSOR) in cmd else None
+    if processor_version:
+        PROCESSOR_VERSIONS_SEEN.add(processor_version)
     started = time.monotonic()
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=child_env())
     watched = psutil.Process(proc.pid)
-    peak_sampled = samples = 0
+    peak_sampled = samples = high_water = 0
     sigint_at = None
+    signals_sent: list[tuple[str, float]] = []
     killed = False
     deadline = started + timeout
     status = rusage = None
@@ -143,12 +153,21 @@ def run_child(cmd: list[str], name: str, *, timeout: float, cwd: Path, sample_rs
             break
         now = time.monotonic()
         if sample_rss:
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError, ValueError):
                 peak_sampled = max(peak_sampled, watched.memory_info().rss)
                 samples += 1
+                high_water = max(high_water, vm_hwm_bytes(proc.pid))
         if stop_when is not None and sigint_at is None and stop_when():
             proc.send_signal(signal.SIGINT)
             sigint_at = now - started
+            signals_sent.append(("SIGINT", round(sigint_at, 2)))
+        elif (sigint_at is not None and len(signals_sent) < 3
+              and now - started > sigint_at + STOP_ESCALATION_SECONDS * len(signals_sent)):
+            # The first SIGINT was not acted on in time: a second SIGINT (the processor then exits at once),
+            # then SIGKILL. Both are recorded, because an ignored SIGINT is a finding.
+            kind = ("SIGINT", signal.SIGINT) if len(signals_sent) == 1 else ("SIGKILL", signal.SIGKILL)
+            proc.send_signal(kind[1])
+            signals_sent.append((kind[0], round(now - started, 2)))
         if now > deadline and not killed:
             proc.kill()
             killed = True
@@ -163,9 +182,29 @@ def run_child(cmd: list[str], name: str, *, timeout: float, cwd: Path, sample_rs
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"name": name, "exit": proc.returncode, "wall_s": wall, "killed_at_timeout": killed,
             "cpu_user_s": rusage.ru_utime, "cpu_sys_s": rusage.ru_stime,
+            # ru_maxrss of a child counts the forked copy of this process before exec: not the child's own peak.
             "ru_maxrss_mb": rusage.ru_maxrss / 1024.0, "peak_rss_sampled_mb": peak_sampled / 2**20,
-            "rss_samples": samples, "sigint_at_s": sigint_at,
+            "vm_hwm_mb": high_water / 2**20,
+            "rss_samples": samples, "sigint_at_s": sigint_at, "signals_sent": signals_sent,
+            "processor_version": processor_version,
             "stdout": stdout_path.read_text(errors="replace").strip()}
+
+
+PROCESSOR_VERSIONS_SEEN: set[str] = set()
+
+
+def processor_digest() -> str:
+    """A short hash of the processor file as it is now (it may be edited while benchmarks run)."""
+    return hashlib.sha256(PROCESSOR.read_bytes()).hexdigest()[:12]
+
+
+def vm_hwm_bytes(pid: int) -> int:
+    """The kernel's high-water mark of the process's RSS since exec (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def free_port() -> int:
@@ -298,7 +337,7 @@ def efficiency_run(name: str, bodies: list[dict], config: fs.ServerConfig, workd
     result.update(name=name, n=len(bodies), limits=[limits.requests_per_minute, limits.input_tokens_per_minute,
                                                     limits.output_tokens_per_minute],
                   wall_s=child["wall_s"], exit=child["exit"], result_lines=count_lines(save),
-                  cpu_s=child["cpu_user_s"] + child["cpu_sys_s"])
+                  cpu_s=child["cpu_user_s"] + child["cpu_sys_s"], processor_version=child["processor_version"])
     print(f"  {name}: {result['efficiency']:.3f} efficiency, {result['rate_limited_429']} x 429, "
           f"makespan {result['measured_makespan_s']:.1f} s (ideal {result['theoretical_min_s']:.1f} s), "
           f"exit {child['exit']}", flush=True)
@@ -358,11 +397,13 @@ def section_overhead(p: dict, workdir: Path) -> dict[str, Any]:
     requests = workdir / "overhead.jsonl"
     write_jsonl(requests, [body_of(f"ping {rng.randint(0, 10**9)}", 32) for _ in range(n)])
     results = {}
-    for client in ("ceiling", "processor"):
+    for client in OVERHEAD_CLIENTS:
         with ServerProcess() as server:  # limits of a million per minute, zero latency: never binding
-            if client == "ceiling":
+            if client.startswith("ceiling"):
                 cmd = [PY, str(HERE / "ceiling.py"), "--requests_filepath", str(requests),
                        "--request_url", server.messages_url, "--concurrency", str(concurrency)]
+                if client == "ceiling_trust_env":
+                    cmd.append("--trust_env")
             else:
                 cmd = processor_cmd(requests, workdir / "overhead_results.jsonl", server.messages_url, 1e9, 1e12, 1e12,
                                     "--max_concurrent_requests", str(concurrency))
@@ -375,10 +416,13 @@ def section_overhead(p: dict, workdir: Path) -> dict[str, Any]:
         results[client] = {"exit": child["exit"], "successes": stats["successes"], "span_s": span,
                            "wall_s": child["wall_s"], "req_per_s": n / span, "req_per_s_wall": n / child["wall_s"],
                            "cpu_s": cpu, "cpu_ms_per_request": 1000 * cpu / n,
-                           "server_cpu_ms_per_request": 1000 * server_cpu / n, "max_in_flight": stats["max_in_flight"]}
+                           "server_cpu_ms_per_request": 1000 * server_cpu / n, "max_in_flight": stats["max_in_flight"],
+                           "processor_version": child["processor_version"]}
         print(f"  {client}: {results[client]['req_per_s']:.0f} req/s, "
               f"{results[client]['cpu_ms_per_request']:.3f} CPU ms/request, exit {child['exit']}", flush=True)
     results["ratio"] = results["processor"]["req_per_s"] / results["ceiling"]["req_per_s"]
+    results["ratio_vs_trust_env_ceiling"] = (results["processor"]["req_per_s"]
+                                             / results["ceiling_trust_env"]["req_per_s"])
     results["ratio_wall"] = results["processor"]["req_per_s_wall"] / results["ceiling"]["req_per_s_wall"]
     results.update(n=n, concurrency=concurrency)
     return results
@@ -409,21 +453,24 @@ def section_memory(p: dict, workdir: Path) -> dict[str, Any]:
                 write_tiny_requests(requests, lines)
                 watcher = LineWatcher(save)
                 stop_when = (lambda w=watcher: w.count() >= stop_after) if lines > stop_after else None
-                cmd = processor_cmd(requests, save, server.messages_url, 1e9, 1e12, 1e12)
+                cmd = processor_cmd(requests, save, server.messages_url, 1e9, 1e12, 1e12,
+                                    "--max_concurrent_requests", str(MEMORY_CONCURRENCY))
                 child = run_child(cmd, f"memory_{lines}", timeout=300, cwd=temp, sample_rss=True, stop_when=stop_when)
                 runs.append({"lines": lines, "file_mb": requests.stat().st_size / 2**20, "completed": count_lines(save),
                              "exit": child["exit"], "peak_rss_sampled_mb": child["peak_rss_sampled_mb"],
-                             "ru_maxrss_mb": child["ru_maxrss_mb"], "rss_samples": child["rss_samples"],
-                             "sigint_at_s": child["sigint_at_s"], "wall_s": child["wall_s"]})
+                             "vm_hwm_mb": child["vm_hwm_mb"], "rss_samples": child["rss_samples"],
+                             "signals_sent": child["signals_sent"], "wall_s": child["wall_s"],
+                             "processor_version": child["processor_version"]})
                 print(f"  {lines:,} lines: peak RSS {child['peak_rss_sampled_mb']:.1f} MB "
-                      f"(ru_maxrss {child['ru_maxrss_mb']:.1f} MB), {runs[-1]['completed']:,} done, "
-                      f"exit {child['exit']}", flush=True)
+                      f"(VmHWM {child['vm_hwm_mb']:.1f} MB), {runs[-1]['completed']:,} done, "
+                      f"exit {child['exit']}, signals {child['signals_sent']}", flush=True)
                 requests.unlink()
                 save.unlink(missing_ok=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     difference = abs(runs[1]["peak_rss_sampled_mb"] - runs[0]["peak_rss_sampled_mb"])
     return {"runs": runs, "difference_mb": difference, "within_20_mb": difference <= 20.0,
+            "concurrency": MEMORY_CONCURRENCY,
             "temp_deleted": not temp.exists()}
 
 
@@ -433,19 +480,28 @@ def section_memory(p: dict, workdir: Path) -> dict[str, Any]:
 
 
 def section_baseline(p: dict, workdir: Path) -> dict[str, Any]:
-    """Tier 2 (1,000 RPM, 450k ITPM, 90k OTPM) times `scale`, so that a Semaphore(10) client with the
-    given latency sends faster than the output limit refills (see the README)."""
+    """Tier 2 limits (1,000 RPM, 450k ITPM, 90k OTPM) times a scale, the same file for both clients.
+
+    Requests of ~1,500 input and 200-800 output tokens, so the output limit binds. Two regimes: Tier 2 as it
+    is (a Semaphore(10) client stays below the limits and is slowed by its own concurrency) and Tier 2 x 0.3
+    (it sends faster than the output limit refills, so it meets 429s). The light clients all run at once,
+    each against its own fake server, to keep the section short.
+    """
     rng = random.Random(4)
-    scale = p["baseline_scale"]
-    limits = fs.ModelLimits(1000 * scale, 450_000 * scale, 90_000 * scale)
-    latency = FULL["latency"]
-    bodies = [body_of(text_of(rng, rng.randint(600, 1200)), 1024) for _ in range(p["baseline_n"])]
-    requests = workdir / "baseline.jsonl"
-    write_jsonl(requests, bodies)
-    results = {}
-    for client in ("processor", "semaphore_baseline"):
+    latency = p["latency"]
+    tasks = []
+    for workload, scale, n in p["baseline_workloads"]:
+        limits = fs.ModelLimits(1000 * scale, 450_000 * scale, 90_000 * scale)
+        bodies = [body_of(text_of(rng, rng.randint(600, 1200)), 1024) for _ in range(n)]
+        requests = workdir / f"baseline_{workload}.jsonl"
+        write_jsonl(requests, bodies)
+        for client in BASELINE_CLIENTS:
+            tasks.append((workload, scale, limits, requests, len(bodies), client))
+
+    def run_one(task: tuple) -> dict[str, Any]:
+        workload, scale, limits, requests, n, client = task
         config = fs.ServerConfig(limits={"default": limits}, latency_seconds=latency, output_tokens=(200, 800))
-        save = workdir / f"baseline_{client}_results.jsonl"
+        save = workdir / f"baseline_{workload}_{client}_results.jsonl"
         with fs.ServerThread(config, record_timeline=True) as server:
             if client == "processor":
                 cmd = processor_cmd(requests, save, server.messages_url, limits.requests_per_minute,
@@ -453,19 +509,24 @@ def section_baseline(p: dict, workdir: Path) -> dict[str, Any]:
             else:
                 cmd = [PY, str(HERE / "semaphore_baseline.py"), "--requests_filepath", str(requests),
                        "--save_filepath", str(save), "--request_url", server.messages_url]
-            child = run_child(cmd, f"baseline_{client}", timeout=400, cwd=workdir)
+            child = run_child(cmd, f"baseline_{workload}_{client}", timeout=400, cwd=workdir)
             stats = server.stats_snapshot()
         analysis = analyse(stats, limits, sum(latency) / 2)
-        results[client] = {key: analysis[key] for key in
-                           ("theoretical_min_s", "measured_makespan_s", "efficiency", "rate_limited_429",
-                            "successes", "binding", "demand")}
-        results[client].update(wall_s=child["wall_s"], exit=child["exit"], result_lines=count_lines(save),
-                               failed=len(bodies) - stats["successes"])
-        print(f"  {client}: makespan {analysis['measured_makespan_s']:.1f} s, {stats['rate_limited']} x 429, "
-              f"{stats['successes']}/{len(bodies)} succeeded, exit {child['exit']}", flush=True)
-    results.update(n=len(bodies), scale=scale, limits=[limits.requests_per_minute, limits.input_tokens_per_minute,
-                                                       limits.output_tokens_per_minute], latency=latency)
-    return results
+        result = {key: analysis[key] for key in ("theoretical_min_s", "measured_makespan_s", "efficiency",
+                                                 "rate_limited_429", "successes", "binding", "demand",
+                                                 "admission_efficiency", "bins")}
+        result.update(workload=workload, client=client, scale=scale, n=n, wall_s=child["wall_s"],
+                      processor_version=child["processor_version"],
+                      exit=child["exit"], result_lines=count_lines(save), failed=n - stats["successes"],
+                      limits=[limits.requests_per_minute, limits.input_tokens_per_minute,
+                              limits.output_tokens_per_minute])
+        print(f"  {workload} {client}: makespan {analysis['measured_makespan_s']:.1f} s, "
+              f"{stats['rate_limited']} x 429, {stats['successes']}/{n} succeeded, exit {child['exit']}", flush=True)
+        return result
+
+    with ThreadPoolExecutor(len(tasks)) as pool:
+        runs = list(pool.map(run_one, tasks))
+    return {"runs": runs, "latency": latency}
 
 
 # ======================================================================================================
@@ -482,10 +543,10 @@ def section_chart(efficiency: dict) -> str:
     runs = efficiency["runs"]
     figure, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), squeeze=False)
     colours = {"requests": "tab:blue", "input": "tab:orange", "output": "tab:green"}
-    for axis, run in zip(axes[:, 0], runs):
+    for axis, run in zip(axes[:, 0], runs, strict=True):
         bins = run["bins"]
         seconds = len(bins["requests"])
-        for kind, capacity in zip(BUCKETS, run["limits"]):
+        for kind, capacity in zip(BUCKETS, run["limits"], strict=True):
             per_second = capacity / 60.0
             share = [value / per_second for value in bins[kind]]
             label = f"{kind} ({'requests' if kind == 'requests' else 'tokens'}/s) / limit {per_second:,.0f}/s"
@@ -515,12 +576,26 @@ def section_chart(efficiency: dict) -> str:
 # ======================================================================================================
 
 
+def mixed_note(runs: list[dict]) -> str:
+    mixed = next((r for r in runs if r["name"] == "mixed_in_turn"), None)
+    if mixed is None:
+        return ""
+    return (f"mixed_in_turn: {mixed['n']:,} requests under a {mixed['limits'][0]:,.0f}-request bucket, so the request "
+            "limit cannot bind; only the two token buckets can (blocks of input-heavy and output-heavy requests "
+            "alternate).")
+
+
+def fmt_signals(signals: list) -> str:
+    return ", ".join(f"{name} at {moment:g}" for name, moment in signals) or "none"
+
+
 def fmt_limits(limits: list[float]) -> str:
     return " / ".join(f"{value:,.0f}" for value in limits)
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, sections: tuple[str, ...] = SECTIONS) -> str:
     out = []
+    results = {key: value for key, value in results.items() if key not in SECTIONS or key in sections}
     if "efficiency" in results:
         e = results["efficiency"]
         out += [f"### 1. Efficiency under limits (latency U{tuple(e['latency'])} s, processor limits = server limits)",
@@ -531,45 +606,55 @@ def markdown(results: dict) -> str:
         for r in e["runs"]:
             out.append(f"| {r['name']} | {r['n']:,} | {fmt_limits(r['limits'])} | {r['binding']} "
                        f"| {r['theoretical_min_s']:.1f} | {r['measured_makespan_s']:.1f} | {r['efficiency']:.3f} "
-                       f"| {r['admission_efficiency']:.3f} | {r['rate_limited_429']} | {r['wall_s']:.1f} | {r['exit']} |")
+                       f"| {r['admission_efficiency']:.3f} | {r['rate_limited_429']} | {r['wall_s']:.1f} "
+                       f"| {r['exit']} |")
         out += ["", "Notes: theoretical min = max over buckets of max(0, charged - limit)/(limit/60) + mean latency; "
                 "measured = server last completion - first admission. Admission efficiency compares only the last "
-                "admission time with its ideal (no latency tail). mixed_in_turn: 600 requests under a 1,200-request "
-                "bucket, so the request limit cannot bind; only the two token buckets do.", ""]
+                "admission time with its ideal (no latency tail). " + mixed_note(e["runs"]), ""]
     if "overhead" in results:
         o = results["overhead"]
         out += [f"### 2. Overhead ({o['n']:,} tiny requests, zero latency, concurrency {o['concurrency']}, "
                 "server in its own process)", "",
-                "| client | req/s (server span) | req/s (wall) | client CPU ms/request | server CPU ms/request | exit |",
+                "| client | req/s (server span) | req/s (wall) | client CPU ms/request | server CPU ms/request "
+                "| exit |",
                 "|---|---:|---:|---:|---:|---:|"]
-        for client in ("ceiling", "processor"):
+        for client in OVERHEAD_CLIENTS:
+            if client not in o:
+                continue
             r = o[client]
-            out.append(f"| {client} | {r['req_per_s']:,.0f} | {r['req_per_s_wall']:,.0f} | {r['cpu_ms_per_request']:.3f} "
-                       f"| {r['server_cpu_ms_per_request']:.3f} | {r['exit']} |")
-        out += ["", f"Ratio processor/ceiling: {o['ratio']:.2f} (server span), {o['ratio_wall']:.2f} (wall).", ""]
+            out.append(f"| {client} | {r['req_per_s']:,.0f} | {r['req_per_s_wall']:,.0f} "
+                       f"| {r['cpu_ms_per_request']:.3f} | {r['server_cpu_ms_per_request']:.3f} | {r['exit']} |")
+        out += ["", f"Ratio processor/ceiling: {o['ratio']:.2f} (server span), {o['ratio_wall']:.2f} (wall); "
+                f"processor/ceiling_trust_env: {o['ratio_vs_trust_env_ceiling']:.2f}. ceiling_trust_env is the same "
+                "minimal loop with ClientSession(trust_env=True), as the processor opens its session: aiohttp then "
+                "looks up proxies and .netrc in a worker thread for every request.", ""]
     if "memory" in results:
         m = results["memory"]
         out += ["### 3. Memory (peak RSS of the processor, sampled every 50 ms)", "",
-                "| input lines | file (MB) | results written | peak RSS sampled (MB) | ru_maxrss (MB) | exit |",
-                "|---:|---:|---:|---:|---:|---:|"]
+                "| input lines | file (MB) | results written | peak RSS sampled (MB) | VmHWM (MB) "
+                "| signals sent (s after start) | exit |",
+                "|---:|---:|---:|---:|---:|---|---:|"]
         for r in m["runs"]:
             out.append(f"| {r['lines']:,} | {r['file_mb']:.1f} | {r['completed']:,} | {r['peak_rss_sampled_mb']:.1f} "
-                       f"| {r['ru_maxrss_mb']:.1f} | {r['exit']} |")
+                       f"| {r['vm_hwm_mb']:.1f} | {fmt_signals(r['signals_sent'])} | {r['exit']} |")
         out += ["", f"Difference {m['difference_mb']:.1f} MB: {'within' if m['within_20_mb'] else 'NOT within'} 20 MB "
-                f"(the large run is stopped with SIGINT once the small run's count of results is written; exit 130 "
-                f"expected). Temp files deleted: {m['temp_deleted']}.", ""]
+                f"(both runs capped at {m.get('concurrency', MEMORY_CONCURRENCY)} requests in flight; "
+                f"the large run gets SIGINT once "
+                f"{m['runs'][0]['lines']:,} results are written and should exit 130 after finishing what is in flight; "
+                f"a second SIGINT after {STOP_ESCALATION_SECONDS:g} s, then SIGKILL, mean the first was ignored). "
+                f"Temp files deleted: {m['temp_deleted']}.", ""]
     if "baseline" in results:
         b = results["baseline"]
-        out += [f"### 4. Against asyncio.gather + Semaphore(10) ({b['n']} requests, Tier 2 x {b['scale']}: "
-                f"{fmt_limits(b['limits'])}, latency U{tuple(b['latency'])} s)", "",
-                "| client | makespan (s) | theoretical min (s) | efficiency | 429s | succeeded | wall (s) | exit |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for client in ("processor", "semaphore_baseline"):
-            r = b[client]
-            out.append(f"| {client} | {r['measured_makespan_s']:.1f} | {r['theoretical_min_s']:.1f} | "
-                       f"{r['efficiency']:.3f} | {r['rate_limited_429']} | {r['successes']}/{b['n']} | "
-                       f"{r['wall_s']:.1f} | {r['exit']} |")
-        out.append("")
+        out += ["### 4. Against asyncio.gather + Semaphore(10) (Tier 2 limits x scale, "
+                f"latency U{tuple(b['latency'])} s, ~1,500 input and 200-800 output tokens per request)", "",
+                "| workload | limits RPM / ITPM / OTPM | N | client | makespan (s) | theoretical min (s) | efficiency "
+                "| 429s | succeeded | wall (s) | exit |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in b["runs"]:
+            out.append(f"| {r['workload']} | {fmt_limits(r['limits'])} | {r['n']} | {r['client']} "
+                       f"| {r['measured_makespan_s']:.1f} | {r['theoretical_min_s']:.1f} | {r['efficiency']:.3f} "
+                       f"| {r['rate_limited_429']} | {r['successes']}/{r['n']} | {r['wall_s']:.1f} | {r['exit']} |")
+        out += ["", "The four clients run at the same time, each against its own fake server (they are light).", ""]
     return "\n".join(out)
 
 
@@ -600,9 +685,15 @@ def main() -> int:
     if args.only in (None, "efficiency", "chart") and "efficiency" in results:
         results["chart"] = section_chart(results["efficiency"])
     results["total_seconds"] = time.monotonic() - started
+    results["processor_versions"] = sorted(PROCESSOR_VERSIONS_SEEN)
     results_path.write_text(json.dumps(results, indent=1))
     print()
-    print(markdown(results))
+    print(markdown(results, SECTIONS if args.only in (None, "chart") else (args.only,)))
+    if len(PROCESSOR_VERSIONS_SEEN) > 1:
+        print(f"WARNING: {PROCESSOR.name} changed while the benchmarks ran ({len(PROCESSOR_VERSIONS_SEEN)} versions; "
+              "see processor_version in results.json): the figures mix versions.")
+    elif PROCESSOR_VERSIONS_SEEN:
+        print(f"Processor version (sha256 prefix): {next(iter(PROCESSOR_VERSIONS_SEEN))}")
     print(f"Total {results['total_seconds']:.0f} s. Wrote {results_path}" +
           (f" and {results['chart']}" if "chart" in results else ""))
     return 0

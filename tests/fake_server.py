@@ -1378,7 +1378,8 @@ class FakeAnthropicServer:
                                "first of next month.", self._ratelimit_headers(limiter, now),
                                details={"error_code": "enforced_spend_limit_reached"})
 
-        fingerprint = body_fingerprint(body)
+        # The same request streamed or not is the same request (for fault counts and paid answers).
+        fingerprint = body_fingerprint({k: v for k, v in body.items() if k != "stream"})
         stream = body.get("stream") is True
         fault = self._choose_fault(raw, fingerprint, stream)
         if fault is not None:

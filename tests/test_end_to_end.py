@@ -102,10 +102,11 @@ def test_no_429_when_our_limits_equal_the_servers(tmp_path):
 
 
 def test_a_429_pauses_the_model_and_the_request_is_retried(tmp_path):
-    # Our limits are far above the server's: it answers 429 with retry-after, and we obey it.
+    # Our limits are far above the server's, and it sends no rate-limit headers to warn us: it answers
+    # 429 with retry-after, and we obey it.
     limits = ModelLimits(requests_per_minute=120)
     requests = write_requests(tmp_path / "requests.jsonl", [simple_request(i) for i in range(125)])
-    with ServerThread(ServerConfig(limits={"default": limits})) as srv:
+    with ServerThread(ServerConfig(limits={"default": limits}, send_ratelimit_headers=False)) as srv:
         done = run_cli(["--requests_filepath", requests, "--request_url", srv.messages_url,
                         "--max_requests_per_minute", "10000", "--max_attempts", "10"])
         stats = srv.stats_snapshot()

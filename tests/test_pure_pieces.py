@@ -511,10 +511,26 @@ def test_output_charge_is_max_tokens_before_any_answer():
 
 def test_output_charge_follows_the_answers_seen_capped_at_max_tokens():
     estimator = app.Estimator(words)
-    for _ in range(20):
+    for _ in range(200):
         estimator.learn(MODEL, app.InputEstimate(text=1000), 1000, 300)
-    assert 300 <= estimator.output_charge(MODEL, 4096) <= 330  # the mean, with a small margin
+    # The mean (the deviation is nil here), with what is left of the max_tokens prior.
+    assert 300 <= estimator.output_charge(MODEL, 4096) <= 300 + 4096 * 4 / 204 + 1
     assert estimator.output_charge(MODEL, 100) == 100
+
+
+def test_output_charge_allows_for_the_spread_of_answers():
+    estimator = app.Estimator(words)
+    rng = random.Random(3)
+    for _ in range(300):
+        estimator.learn(MODEL, app.InputEstimate(text=1000), 1000, rng.randint(100, 700))
+    # Mean 400, mean deviation about 150: the reservation covers most answers, not just the average.
+    assert 600 <= estimator.output_charge(MODEL, 4096) <= 800
+
+
+def test_output_charge_leans_on_max_tokens_while_few_answers_have_arrived():
+    estimator = app.Estimator(words)
+    estimator.learn(MODEL, app.InputEstimate(text=1000), 1000, 10)  # the first answers are the short ones
+    assert estimator.output_charge(MODEL, 1000) >= 800
 
 
 def test_estimator_learns_the_models_correction_from_answers():

@@ -1,0 +1,88 @@
+"""Does the processor follow what the service's rate-limit headers say? Two acceptance figures:
+
+    python benchmarks/limits_from_headers.py
+
+1. `--max_requests_per_minute auto` (and the token limits auto) against a server that allows 3,000
+   requests/min: the request rate after the first answer, against the default 40/min.
+2. Two processes sharing one server's limits, each told it has all of it (the second starts a few
+   seconds after the first, as two cron jobs would): both finish, and how many 429s they received.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests")]
+
+from fake_server import ModelLimits, ServerConfig, ServerThread  # noqa: E402
+
+SCRIPT = ROOT / "api_request_parallel_processor.py"
+ENV = {"ANTHROPIC_API_KEY": "benchmark", "PATH": "/usr/bin:/bin"}
+
+
+def write_requests(path: Path, count: int, tag: str) -> Path:
+    with open(path, "w") as file:
+        for i in range(count):
+            file.write(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 100, "metadata": {"id": f"{tag}{i}"},
+                                   "messages": [{"role": "user", "content": f"{tag} question {i}?"}]}) + "\n")
+    return path
+
+
+def auto_limits(folder: Path) -> None:
+    limits = ModelLimits(requests_per_minute=3000, input_tokens_per_minute=3_000_000, output_tokens_per_minute=600_000)
+    requests = write_requests(folder / "auto.jsonl", 1500, "a")
+    with ServerThread(ServerConfig(limits={"default": limits}, latency_seconds=(0.2, 0.6)), record_timeline=True) as srv:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, SCRIPT, "--requests_filepath", requests, "--request_url",
+                               srv.messages_url, "--max_requests_per_minute", "auto", "--max_tokens_per_minute", "auto",
+                               "--max_output_tokens_per_minute", "auto"], capture_output=True, text=True, env=ENV)
+        wall = time.monotonic() - started
+        stats = srv.stats_snapshot()
+    assert done.returncode == 0, done.stderr[-2000:]
+    times = sorted(t for t, *_ in stats["admitted"])
+    first_answer = times[0] + 0.2  # the first request's answer cannot come sooner than the least latency
+    later = [t for t in times if t > first_answer + 1.0]
+    rate = (len(later) - 1) / (later[-1] - later[0]) * 60 if len(later) > 1 else float("nan")
+    print(f"auto: 1,500 requests in {wall:.1f} s; after the first answer {rate:,.0f} requests/min "
+          f"= {rate / 40:.0f}x the default 40/min (target >= 20x); 429s: {stats['rate_limited']}")
+
+
+def shared(folder: Path, stagger_seconds: float) -> None:
+    limits = ModelLimits(requests_per_minute=1200, input_tokens_per_minute=10_000_000, output_tokens_per_minute=10_000_000)
+    per_process = 1500
+    with ServerThread(ServerConfig(limits={"default": limits}, latency_seconds=(0.2, 1.0))) as srv:
+        processes = []
+        for tag in ("a", "b"):
+            requests = write_requests(folder / f"shared_{tag}_{stagger_seconds:g}.jsonl", per_process, tag)
+            processes.append(subprocess.Popen(
+                [sys.executable, SCRIPT, "--requests_filepath", requests, "--request_url", srv.messages_url,
+                 "--max_requests_per_minute", "1200", "--max_tokens_per_minute", "10000000",
+                 "--max_output_tokens_per_minute", "10000000", "--max_attempts", "20", "--summary_filepath",
+                 folder / f"summary_{tag}_{stagger_seconds:g}.json"], stderr=subprocess.DEVNULL, env=ENV))
+            time.sleep(stagger_seconds)
+        codes = [process.wait(timeout=600) for process in processes]
+        stats = srv.stats_snapshot()
+    summaries = [json.loads((folder / f"summary_{tag}_{stagger_seconds:g}.json").read_text()) for tag in ("a", "b")]
+    total = 2 * per_process
+    print(f"two processes, second started {stagger_seconds:g} s later: exit {codes}, "
+          f"succeeded {[s['succeeded'] for s in summaries]}, 429s {stats['rate_limited']} "
+          f"= {stats['rate_limited'] / total:.2%} of {total:,} requests (target < 2%); "
+          f"elapsed {[round(s['elapsed_seconds'], 1) for s in summaries]} s "
+          f"(the server's limit alone needs {(total - 1200) / 20:.0f} s)")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if "--shared-only" not in sys.argv:
+            auto_limits(folder)
+        shared(folder, stagger_seconds=5.0)
+        shared(folder, stagger_seconds=0.0)
+
+
+if __name__ == "__main__":
+    main()
