@@ -96,6 +96,7 @@ import base64
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import heapq
 import json
@@ -135,6 +136,9 @@ DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS = 120.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 
+# API keys are long; a shorter "key" (a placeholder for a local test server) is not masked in output.
+MIN_SECRET_LENGTH_TO_REDACT = 8
+
 # The service answers 413 above this many bytes per Messages request.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 
@@ -154,6 +158,7 @@ AUTO_LIMIT_SHARE = 0.95
 # the limit (and the rounding of token counts): someone else is using it. Learn the others' rate of use
 # at this rate, and halve the estimate after this long without a deficit.
 HEADER_RESYNC_TOLERANCE = 0.005
+HEADER_OBSERVE_INTERVAL_SECONDS = 0.02
 FOREIGN_USE_LEARNING_RATE = 0.3
 FOREIGN_USE_DECAY_SECONDS = 10.0
 # Until a model's first answer arrives, send one request to it alone (streamed in `--stream auto`, so
@@ -241,10 +246,28 @@ class Job:
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     estimate: InputEstimate | None = None
+    _encoded: bytes | None = None
 
     @property
     def model(self) -> str:
         return self.body["model"]
+
+    @property
+    def encoded(self) -> bytes:
+        """The body as JSON, made once: sent with every attempt and written with the result."""
+        if self._encoded is None:
+            self._encoded = json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+        return self._encoded
+
+    def success_line(self, success: Success) -> bytes:
+        """The result line of an answer, reusing the bytes sent and received when they are one line."""
+        if success.raw is None or b"\n" in success.raw or b"\r" in success.raw:
+            return (json.dumps(self.result_line(success.message), ensure_ascii=False) + "\n").encode("utf-8")
+        parts = [b"[", self.encoded, b", ", success.raw.strip()]
+        if self.metadata is not NO_METADATA:
+            parts += [b", ", json.dumps(self.metadata, ensure_ascii=False).encode("utf-8")]
+        parts.append(b"]\n")
+        return b"".join(parts)
 
     def result_line(self, response: Any) -> list:
         line = [self.body, response]
@@ -728,9 +751,6 @@ class TokenBucket:
     def give_back(self, amount: float, now: float) -> None:
         self._level = min(self.capacity, self.level(now) + amount)
 
-    def ramping(self, now: float) -> bool:
-        return now < self._ramp_until
-
     def available(self, now: float) -> float:
         """The level plus what a ramp-up has yet to hand out: what our books say the service holds."""
         return self.level(now) + max(0.0, self._ramp_until - now) * self._ramp_per_second
@@ -738,7 +758,7 @@ class TokenBucket:
     def lower_to(self, level: float, now: float) -> None:
         """The service holds less than our books: believe it (and hand out no more of a ramp-up)."""
         if self.available(now) > level:
-            self._level = min(self._level, level)
+            self._level = level
             self._ramp_until = now
 
     def seconds_until(self, amount: float, now: float) -> float:
@@ -799,6 +819,7 @@ class Limiter:
         # What others sharing the service's limit seem to use, per second: see observe_headers.
         self.foreign_per_second = dict.fromkeys(LIMIT_KINDS, 0.0)
         self.last_resync = dict.fromkeys(LIMIT_KINDS, now)
+        self.headers_seen_at = -math.inf
 
     def seconds_until_admissible(self, need: Need, now: float) -> float:
         waits = [self.paused_until - now,
@@ -819,9 +840,6 @@ class Limiter:
             self.buckets[kind].take(difference, now)
         elif difference < 0:
             self.buckets[kind].give_back(-difference, now)
-
-    def ramping(self, now: float) -> bool:
-        return any(bucket.ramping(now) for bucket in self.buckets.values())
 
     def ramp_up(self, now: float) -> None:
         """Our first contact with this model answered: spread the full buckets over the next seconds."""
@@ -904,6 +922,7 @@ def parse_number(value: Any) -> float | None:
 @dataclass(frozen=True)
 class Success:
     message: dict
+    raw: bytes | None = None  # the answer exactly as received, when it can be written as it is
 
 
 @dataclass(frozen=True)
@@ -984,7 +1003,7 @@ def classify(status: int, headers: Any, body: bytes) -> Outcome:
         payload = None
     if status == 200:
         if is_valid_message(payload):
-            return Success(payload)
+            return Success(payload, body)
         # A 200 that is not a complete Message (truncated, or missing fields) was not a real answer.
         return Retry(f"200 with a body that is not a valid Message: {snippet(body)}", kind="malformed")
 
@@ -1151,6 +1170,7 @@ def model_class(model: str) -> str:
     return re.sub(r"-(\d{8}|latest)$", "", model)
 
 
+@functools.lru_cache(maxsize=256)
 def prices_for(model: str) -> tuple[float, float, float, float, float] | None:
     """The price row of a model, matching the longest known family name; None when unknown."""
     family = model_class(model)
@@ -1360,15 +1380,21 @@ class ResultWriter:
 
     FSYNC_INTERVAL_SECONDS = 1.0
 
-    def __init__(self, path: Path, redact: Callable[[str], str]):
+    def __init__(self, path: Path, redact: Callable[[str], str], secret: str | None = None):
         self.path = path
         self.redact = redact
+        self.secret = secret.encode("utf-8") if secret and len(secret) >= MIN_SECRET_LENGTH_TO_REDACT else None
         self._file = open(path, "ab")
         self._last_fsync = time.monotonic()
 
     def write(self, record: list) -> None:
-        line = json.dumps(record, ensure_ascii=False)
-        self._file.write((self.redact(line) + "\n").encode("utf-8"))
+        self.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def write_line(self, line: bytes) -> None:
+        """Write one complete line (ending in a newline) and flush it."""
+        if self.secret is not None and self.secret in line:
+            line = self.redact(line.decode("utf-8")).encode("utf-8")
+        self._file.write(line)
         self._file.flush()
         now = time.monotonic()
         if now - self._last_fsync >= self.FSYNC_INTERVAL_SECONDS:
@@ -1432,7 +1458,7 @@ def build_headers(api_key: str, anthropic_version: str, anthropic_beta: str | No
 
 
 async def send_attempt(transport: Transport, body: dict, on_stream_start: Callable[[Any], None] | None = None,
-                       prefer_stream: bool = False) -> tuple[Outcome, Any]:
+                       prefer_stream: bool = False, encoded: bytes | None = None) -> tuple[Outcome, Any]:
     """Send one attempt and classify its answer: (outcome, response headers to read, or None).
 
     A stream's headers arrive before its answer: they go to `on_stream_start` at once (and None is
@@ -1441,8 +1467,10 @@ async def send_attempt(transport: Transport, body: dict, on_stream_start: Callab
     errors, timeouts, broken streams) is a Retry; "the server answered" goes through classify().
     """
     streaming = should_stream(body, transport.stream_mode) or (prefer_stream and transport.stream_mode == "auto")
-    payload = dict(body, stream=True) if streaming else body
-    data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    if streaming and body.get("stream") is not True:
+        data = json.dumps(dict(body, stream=True), ensure_ascii=False).encode("utf-8")
+    else:
+        data = encoded if encoded is not None else json.dumps(body, ensure_ascii=False).encode("utf-8")
     if streaming:
         # For a stream the clock measures silence between events, not the length of the answer (and
         # no silence may outlast an explicit --request_timeout either).
@@ -1632,6 +1660,8 @@ class Scheduler:
     async def run(self) -> None:
         try:
             while not (self.stop_reason or self.abort_reason):
+                # Clear before looking, so that news arriving after this point wakes the sleep below.
+                self.wake.clear()
                 self.settle_finished()
                 if self.stop_reason or self.abort_reason:
                     break
@@ -1657,7 +1687,7 @@ class Scheduler:
                 and not any(self.ready.values()) and not any(self.held.values()))
 
     async def sleep(self, seconds: float | None) -> None:
-        self.wake.clear()
+        """Sleep until `wake` is set (cleared by the caller before it looked at the state) or the time."""
         if self.finished_tasks:
             return
         if seconds is None:
@@ -1704,15 +1734,15 @@ class Scheduler:
             picked = self.pick_admissible(now)
             if picked is None:
                 break
-            self.launch(picked, now)
+            self.launch(*picked, now)
             launched += 1
             if not self.caching_checked:
-                self.caching_probe = picked
+                self.caching_probe = picked[0]
             if launched >= 256:
                 break  # yield to the event loop now and then, even when everything fits
         return launched
 
-    def pick_admissible(self, now: float) -> Job | None:
+    def pick_admissible(self, now: float) -> tuple[Job, str, Need] | None:
         """The first queue head that its limiter admits now, reading more input while every head waits."""
         while True:
             for key, queue in self.ready.items():
@@ -1725,8 +1755,9 @@ class Scheduler:
                         break  # only the cache check's own retry may go until it is answered
                     if self.awaiting_first_contact(key, now):
                         break
-                    if self.limiters[key].seconds_until_admissible(self.need_of(job), now) <= 0:
-                        return queue.popleft()
+                    need = self.need_of(job)
+                    if self.limiters[key].seconds_until_admissible(need, now) <= 0:
+                        return queue.popleft(), key, need
                     break
             if self.caching_probe is not None or not self.read_one_job():
                 return None
@@ -1785,9 +1816,7 @@ class Scheduler:
         return Need(1, self.estimator.input_charge(model, text, fixed),
                     self.estimator.output_charge(model, job.body["max_tokens"]))
 
-    def launch(self, job: Job, now: float) -> None:
-        key = model_class(job.model)
-        need = self.need_of(job)
+    def launch(self, job: Job, key: str, need: Need, now: float) -> None:
         limiter = self.limiters[key]
         limiter.take(need, now)
         prefix = job.estimate.prefix_key
@@ -1800,10 +1829,10 @@ class Scheduler:
         first_contact = key not in self.contacted and key not in self.first_contact_sent
         if first_contact:
             self.first_contact_sent[key] = now
-        # While we learn who else uses the limit (first contact, ramp-up), stream: a stream's headers
-        # come back as soon as the service admits it, not when the answer is done.
-        early_headers = first_contact or limiter.ramping(now)
-        logger.trace(f"line {job.line_number}: attempt {job.attempts} sent, charged {need}")
+        # The first contact is streamed: a stream's headers come back as soon as the service admits it,
+        # not when the answer is done.
+        early_headers = first_contact
+        logger.trace("line {}: attempt {} sent, charged {}", job.line_number, job.attempts, need)
         task = asyncio.create_task(self.attempt(job, key, early_headers))
         self.in_flight[task] = Attempt(job, key, need, cache_writer)
         task.add_done_callback(self.on_task_done)
@@ -1813,7 +1842,7 @@ class Scheduler:
         # never a lost request or a dead run.
         try:
             return await self.send(job.body, on_stream_start=lambda headers: self.on_stream_start(key, headers),
-                                   prefer_stream=early_headers)
+                                   prefer_stream=early_headers, encoded=job.encoded)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -1833,7 +1862,11 @@ class Scheduler:
             self.limiters[key].ramp_up(self.clock())
 
     def observe_headers(self, limiter: Limiter, headers: Any) -> None:
-        for notice in limiter.observe_headers(headers, self.clock()):
+        now = self.clock()
+        if now - limiter.headers_seen_at < HEADER_OBSERVE_INTERVAL_SECONDS:
+            return  # at thousands of answers a second, a few readings a second tell us as much
+        limiter.headers_seen_at = now
+        for notice in limiter.observe_headers(headers, now):
             if notice not in self.notices_given:
                 self.notices_given.add(notice)
                 logger.info(notice)
@@ -1857,7 +1890,7 @@ class Scheduler:
         job, now = attempt.job, self.clock()
         limiter = self.limiters[attempt.limiter_key]
         if isinstance(outcome, Success):
-            self.settle_success(attempt, outcome.message, limiter, now)
+            self.settle_success(attempt, outcome, limiter, now)
         elif isinstance(outcome, Retry):
             self.settle_retry(attempt, outcome, limiter, now)
         elif isinstance(outcome, Fail):
@@ -1873,9 +1906,9 @@ class Scheduler:
         if job is self.caching_probe and (isinstance(outcome, (Success, Fail)) or job.attempts >= self.settings.max_attempts):
             self.report_caching_check(job, outcome, now)
 
-    def settle_success(self, attempt: Attempt, message: dict, limiter: Limiter, now: float) -> None:
+    def settle_success(self, attempt: Attempt, success: Success, limiter: Limiter, now: float) -> None:
         job, need = attempt.job, attempt.need
-        usage = message["usage"]
+        usage = success.message["usage"]
         written = int(usage.get("cache_creation_input_tokens") or 0)
         read = int(usage.get("cache_read_input_tokens") or 0)
         counted_input = int(usage.get("input_tokens") or 0) + written
@@ -1885,10 +1918,10 @@ class Scheduler:
         self.estimator.learn(job.model, job.estimate, counted_input + read, output)
         self.update_prefix(attempt, written, read)
         self.stats.add_usage(job.model, usage)
-        self.writer.write(job.result_line(message))
+        self.writer.write_line(job.success_line(success))
         self.stats.succeeded += 1
-        logger.debug(f"line {job.line_number}: answered after {job.attempts} attempt(s); "
-                     f"input {counted_input}, cache read {read}, output {output}")
+        logger.debug("line {}: answered after {} attempt(s); input {}, cache read {}, output {}",
+                     job.line_number, job.attempts, counted_input, read, output)
         self.on_progress()
 
     def settle_retry(self, attempt: Attempt, retry: Retry, limiter: Limiter, now: float) -> None:
@@ -1950,7 +1983,7 @@ class Scheduler:
     def release_due_retries(self, now: float) -> None:
         while self.delayed and self.delayed[0][0] <= now:
             _, _, job = heapq.heappop(self.delayed)
-            logger.debug(f"line {job.line_number}: retrying (attempt {job.attempts + 1})")
+            logger.debug("line {}: retrying (attempt {})", job.line_number, job.attempts + 1)
             self.enqueue(job, front=True)
 
     def report_caching_check(self, job: Job, outcome: Outcome, now: float) -> None:
@@ -1990,8 +2023,11 @@ class Scheduler:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
-                await self.sleep(remaining)
+                self.wake.clear()
                 self.settle_finished()
+                if not self.in_flight:
+                    break
+                await self.sleep(remaining)
         self.settle_finished()
         tasks = list(self.in_flight)
         for task in tasks:
@@ -2499,8 +2535,8 @@ def check_files(requests_filepath: Path, save_filepath: Path) -> None:
 
 def make_redactor(secret: str | None) -> Callable[[str], str]:
     """A function that removes the API key from any text, so it never reaches a log or a file."""
-    if not secret:
-        return lambda text: text
+    if not secret or len(secret) < MIN_SECRET_LENGTH_TO_REDACT:
+        return lambda text: text  # not a real key (a test's "x"): masking it would mangle the output
     return lambda text: text.replace(secret, "[redacted]") if secret in text else text
 
 
@@ -2644,7 +2680,7 @@ async def process_api_requests_from_file(
                 f"{fmt_limit(limits['output-tokens'])} output tokens/min; tokens counted with {tokenizer_name}")
 
     max_in_flight = max_concurrent_requests or 5000
-    writer = ResultWriter(save_path, redact)
+    writer = ResultWriter(save_path, redact, api_key)
     bar = ProgressBar(stats.total_lines, stats, limits) if progress and not (batch or batch_cancel) else None
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
     stop_signals: list[str] = []

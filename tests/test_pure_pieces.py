@@ -775,8 +775,9 @@ HTML = b"<html><head><title>Bad gateway</title></head><body><h1>502</h1></body><
 
 
 def test_200_with_a_valid_message_is_a_success():
-    outcome = app.classify(200, {}, json.dumps(message()).encode())
-    assert outcome == app.Success(message())
+    raw = json.dumps(message()).encode()
+    outcome = app.classify(200, {}, raw)
+    assert outcome == app.Success(message(), raw)  # the raw answer is kept, to be written as received
 
 
 def test_200_with_truncated_json_is_retried():
@@ -1277,3 +1278,34 @@ def test_sampling_counter_counts_short_texts_exactly_and_long_ones_from_samples(
     calls.clear()
     assert count(long_text) == pytest.approx(1000, rel=0.1)  # a repeated long text is remembered
     assert calls == []
+
+
+def test_ramp_up_hands_out_a_full_bucket_over_its_seconds_and_headers_can_cut_it_short():
+    bucket = app.TokenBucket(600, 10, now=0)
+    bucket.ramp_up(2.0, 0)  # 600 over 2 s, on top of the usual 10 a second
+    assert bucket.level(0) == 0
+    assert bucket.seconds_until(305, 0) == pytest.approx(305 / 310)
+    assert bucket.seconds_until(600, 0) == pytest.approx(2 + (600 - 620) / 10) or bucket.seconds_until(600, 0) <= 2
+    assert bucket.level(1) == pytest.approx(310)
+    assert bucket.available(1) == pytest.approx(310 + 300)
+    bucket.lower_to(100, 1)  # the service says only 100 remain: no more of the ramp
+    assert bucket.available(1) == 100
+    assert bucket.level(2) == pytest.approx(110)
+
+
+def test_success_line_reuses_the_bytes_sent_and_received():
+    job = app.Job(1, {"model": "m", "max_tokens": 5, "messages": []}, metadata={"row": 1})
+    raw = json.dumps(message()).encode()
+    line = job.success_line(app.Success(message(), raw))
+    assert json.loads(line) == [job.body, message(), {"row": 1}]
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    pretty = json.dumps(message(), indent=2).encode()  # an answer over several lines is re-encoded
+    assert json.loads(job.success_line(app.Success(message(), pretty))) == [job.body, message(), {"row": 1}]
+
+
+def test_a_service_that_has_much_less_than_we_thought_teaches_us_others_use_of_the_limit():
+    limiter = app.Limiter(limits(600, 10**9, 10**9), now=0)  # 10 requests a second
+    for second in range(1, 6):  # someone else takes 5 a second: the service has 5 fewer each second
+        limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "0"}, second)
+    assert limiter.foreign_per_second["requests"] > 3
+    assert limiter.buckets["requests"].refill_per_second < 10 - 3
