@@ -337,3 +337,21 @@ def test_batch_mode_writes_the_same_lines_and_reruns_retry_only_the_failures(tmp
     assert row_ids(results) == Counter(range(300))
     assert all(line[1]["type"] == "message" for line in results)
     assert not (tmp_path / "requests_results.jsonl.batch_state.json").exists()
+
+
+def test_a_streamed_answer_may_take_longer_than_the_request_timeout_while_events_keep_coming(tmp_path):
+    # Each answer takes 3 s, its events spread over that time; --request_timeout is 1.5 s.
+    requests = write_requests(tmp_path / "requests.jsonl", [simple_request(i, max_tokens=400) for i in range(3)])
+    config = ServerConfig(latency_seconds=(3.0, 3.0), output_tokens=(200, 200))
+    with ServerThread(config) as srv:
+        streamed = run_cli(["--requests_filepath", requests, "--save_filepath", tmp_path / "streamed.jsonl",
+                            "--request_url", srv.messages_url, "--stream", "always", "--request_timeout", "1.5",
+                            "--max_output_tokens_per_minute", "100000"])
+        plain = run_cli(["--requests_filepath", requests, "--save_filepath", tmp_path / "plain.jsonl",
+                         "--request_url", srv.messages_url, "--stream", "never", "--request_timeout", "1.5",
+                         "--max_output_tokens_per_minute", "100000", "--max_attempts", "2"],
+                        env_extra={"APPP_BACKOFF_SCALE": "0.01"})
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert all(line[1]["type"] == "message" for line in read_results(tmp_path / "streamed.jsonl"))
+    assert plain.returncode == 1
+    assert all(line[1] == ["timeout: no answer within 1.5 s"] * 2 for line in read_results(tmp_path / "plain.jsonl"))
