@@ -1298,40 +1298,29 @@ def scan_save_file(path: Path) -> SaveFileScan:
 def compact_save_file(save_path: Path, requests_path: Path) -> int:
     """After a complete run, keep exactly one line per input request: every success line, and for a
     request with no success, only its latest failure line. Lines of requests that are no longer in the
-    input are kept (nothing paid for is ever deleted). Returns how many lines were dropped."""
-    needed = array("Q", sorted(
-        request_fingerprint(item.body if isinstance(item, Job) else item.request, item.metadata)
-        for item in read_jobs(requests_path)))
-    successes, failure_prints, failure_offsets = array("Q"), array("Q"), array("Q")
+    input are kept (nothing paid for is ever deleted). Returns how many lines were dropped.
+
+    Memory grows with the number of failure lines only: the save file is read twice and the input once.
+    """
+    failures: dict[int, list[int]] = {}  # fingerprint -> offsets of its failure lines, oldest first
     for offset, fingerprint, succeeded in iter_save_file(save_path):
-        if succeeded:
-            successes.append(fingerprint)
-        else:
-            failure_prints.append(fingerprint)
-            failure_offsets.append(offset)
-    if not failure_prints:
+        if not succeeded:
+            failures.setdefault(fingerprint, []).append(offset)
+    if not failures:
         return 0
-    successes = array("Q", sorted(successes))
-
-    def count(sorted_prints: array, fingerprint: int) -> int:
-        index = bisect_left(sorted_prints, fingerprint)
-        end = index
-        while end < len(sorted_prints) and sorted_prints[end] == fingerprint:
-            end += 1
-        return end - index
-
+    answered: Counter = Counter(fingerprint for _, fingerprint, succeeded in iter_save_file(save_path)
+                                if succeeded and fingerprint in failures)
+    needed: Counter = Counter()
+    for item in read_jobs(requests_path):
+        fingerprint = request_fingerprint(item.body if isinstance(item, Job) else item.request, item.metadata)
+        if fingerprint in failures:
+            needed[fingerprint] += 1
     drop: set[int] = set()
-    order = sorted(range(len(failure_prints)), key=lambda i: (failure_prints[i], -failure_offsets[i]))
-    kept_for: Counter = Counter()
-    for i in order:
-        fingerprint = failure_prints[i]
-        wanted = count(needed, fingerprint)
-        if wanted == 0:
+    for fingerprint, offsets in failures.items():
+        if needed[fingerprint] == 0:
             continue  # not in the input any more: keep it
-        if kept_for[fingerprint] < wanted - count(successes, fingerprint):
-            kept_for[fingerprint] += 1  # the latest failures, newest first
-        else:
-            drop.add(failure_offsets[i])
+        keep = max(0, needed[fingerprint] - answered[fingerprint])
+        drop.update(offsets[:len(offsets) - keep])  # keep the latest failures
     if not drop:
         return 0
     return atomic_rewrite(save_path, lambda line, offset: offset not in drop)
@@ -2560,9 +2549,11 @@ def prepare_save_file(save_filepath: Path, overwrite: bool) -> tuple[ResumeIndex
 
 
 class ProgressBar:
-    """A tqdm bar on stderr: done of total, failed, in flight, rates against limits, cost, ETA."""
+    """A tqdm bar on stderr: done of total, failed, in flight, current rates against the limits, what
+    binds, cache hits, cost so far, and tqdm's ETA. Rates are taken over the last RATE_WINDOW_SECONDS."""
 
     REFRESH_SECONDS = 0.5
+    RATE_WINDOW_SECONDS = 15.0
 
     def __init__(self, total: int | None, stats: Stats, limits: dict[str, LimitSetting]):
         from tqdm import tqdm
@@ -2572,7 +2563,7 @@ class ProgressBar:
         self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
         self.scheduler: Scheduler | None = None
         self.last_refresh = 0.0
-        self.started = time.monotonic()
+        self.samples: deque[tuple[float, int, int, int]] = deque()  # (time, attempts, input, output)
 
     def update(self) -> None:
         now = time.monotonic()
@@ -2580,11 +2571,17 @@ class ProgressBar:
         if now - self.last_refresh < self.REFRESH_SECONDS:
             return
         self.last_refresh = now
-        s, minutes = self.stats, max(1e-9, (now - self.started) / 60)
-        postfix = {"failed": s.failed, "in flight": len(self.scheduler.in_flight) if self.scheduler else 0,
-                   "req/min": f"{s.attempts / minutes:,.0f}/{self.limits['requests'].per_minute:,.0f}",
-                   "in tok/min": f"{(s.input_tokens + s.cache_write_tokens) / minutes:,.0f}",
-                   "out tok/min": f"{s.output_tokens / minutes:,.0f}"}
+        s = self.stats
+        self.samples.append((now, s.attempts, s.input_tokens + s.cache_write_tokens, s.output_tokens))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW_SECONDS:
+            self.samples.popleft()
+        first = self.samples[0]
+        minutes = max(1e-9, (now - first[0]) / 60)
+        per_minute = [(latest - earliest) / minutes for latest, earliest in zip(self.samples[-1][1:], first[1:])]
+        limits = [self.limits[kind].per_minute for kind in LIMIT_KINDS]
+        postfix = {"failed": s.failed, "in flight": len(self.scheduler.in_flight) if self.scheduler else 0}
+        for name, rate, limit in zip(("req/min", "in tok/min", "out tok/min"), per_minute, limits):
+            postfix[name] = f"{rate:,.0f}/{limit:,.0f}"
         binding = self.binding_limit()
         if binding:
             postfix["binds"] = binding

@@ -200,9 +200,12 @@ def count_complete_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+LOGGING_LEVEL = "INFO"  # --logging_level of every child (this script's --logging_level sets it)
+
+
 def processor_cmd(requests: Path, save: Path, url: str, *extra: str) -> list[str]:
     return [sys.executable, str(PROCESSOR), "--requests_filepath", str(requests), "--save_filepath", str(save),
-            "--request_url", url, "--no_progress", "--logging_level", "INFO", *extra]
+            "--request_url", url, "--no_progress", "--logging_level", LOGGING_LEVEL, *extra]
 
 
 def child_env(backoff_scale: float | None = None) -> dict[str, str]:
@@ -567,7 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("kill9", "sigint", "double_sigint"), action="append")
     parser.add_argument("--seed", type=int, default=1, help="seeds the kill moments and the server (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (request and save files)")
+    parser.add_argument("--logging_level", default="INFO", help="the processor's logging level (default INFO)")
     args = parser.parse_args(argv)
+    global LOGGING_LEVEL
+    LOGGING_LEVEL = args.logging_level
     parts = args.only or ["kill9", "sigint", "double_sigint"]
     started = time.monotonic()
     results: dict[str, Any] = {}
