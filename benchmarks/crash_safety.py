@@ -239,7 +239,7 @@ def duplicates(stats: dict[str, Any]) -> tuple[int, int]:
 def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 1200, seed: int = 1,
               kill_after: tuple[float, float] = (1.0, 8.0), latency: tuple[float, float] = (0.2, 1.5),
               fault_rate: float = 0.2, request_timeout: float = 2.0, max_attempts: int = 10,
-              backoff_scale: float | None = None, final_timeout: float = 240.0, log_name: str = "kill9") -> dict:
+              backoff_scale: float | None = None, final_timeout: float = 240.0, log: Path | None = None) -> dict:
     """SIGKILL the processor `kills` times at seeded random moments, restart it each time, let the last
     run finish; return every figure and a list of failed checks (empty when all hold)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
     row_of = {fp: i for i, fp in enumerate(fingerprints)}
     requests, save = workdir / "requests.jsonl", workdir / "results.jsonl"
     write_jsonl(requests, rows)
-    log = LOGS / f"{log_name}.log"
+    log = log or LOGS / "kill9.log"
     log.unlink(missing_ok=True)
     config = fs.ServerConfig(latency_seconds=latency, fault_rate=fault_rate, fault_kinds=FAULTS, seed=seed,
                              limits={"default": fs.ModelLimits(requests_per_minute=rpm)})
@@ -263,7 +263,7 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
                             "--max_tokens_per_minute", str(HIGH), "--max_output_tokens_per_minute", str(HIGH),
                             "--request_timeout", f"{request_timeout:g}", "--max_attempts", str(max_attempts))
         finished_early = None
-        previous_unwritten = 0
+        previous_unwritten = previous_received = 0
         for k in range(kills):
             proc = start(cmd, log, env, workdir)
             delay = rng.uniform(*kill_after)
@@ -285,12 +285,13 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
                                        if count > state.success_rows.get(row_of.get(fp, -1), 0)}
             kill_records.append({
                 "kill": k + 1, "after_s": round(delay, 2), "lines_before_kill": lines_before,
+                "attempts_in_run": stats["requests_received"] - previous_received,
                 "lines_after_kill": state.complete_lines, "torn_bytes": state.torn_bytes, "garbage": state.garbage,
                 "server_in_flight_before_kill": server_busy_before, "server_idle_after_kill": idle,
                 "answered_unwritten": unwritten_total - previous_unwritten,
                 "_answered_unwritten_rows": answered_unwritten_rows,
                 "_written_rows": set(state.success_rows), "_received": received})
-            previous_unwritten = unwritten_total
+            previous_unwritten, previous_received = unwritten_total, stats["requests_received"]
             if not idle:
                 problems.append(f"kill {k + 1}: the server still ran handlers 5 s after the kill")
         final_exit = None
@@ -425,7 +426,7 @@ def run_interrupt(workdir: Path, name: str, *, n: int = 1000, config: fs.ServerC
             "lines_at_sigint": lines_at_sigint, "lines_at_exit": stopped.complete_lines,
             "in_flight_at_sigint_logged": in_flight_at_sigint, "server_in_flight_at_sigint": server_in_flight,
             "written_during_grace": written_in_grace,
-            "cut_at_deadline": None if in_flight_at_sigint is None else in_flight_at_sigint - written_in_grace,
+            "left_unwritten": None if in_flight_at_sigint is None else in_flight_at_sigint - written_in_grace,
             "torn_bytes_at_exit": stopped.torn_bytes, "garbage_at_exit": stopped.garbage + stopped.wrong_request,
             "rows_twice_at_exit": sum(1 for c in stopped.success_rows.values() if c > 1),
             "resume_hint_logged": "To resume, run the same command again" in text,
@@ -480,7 +481,7 @@ def run_sigint(workdir: Path) -> dict:
                           extra=[*common, "--shutdown_grace", "2"], grace=2.0)
     if short.get("sigint_to_exit_s", 0) > 3.0:
         short["problems"].append(f"exit {short['sigint_to_exit_s']} s after the SIGINT: beyond the 2 s grace + 1 s")
-    if not short.get("cut_at_deadline"):
+    if not short.get("left_unwritten"):
         short["problems"].append("no request was still in flight at the 2 s deadline: the case was not exercised")
     return {"default_grace": default, "grace_2": short}
 
@@ -529,15 +530,17 @@ def report(results: dict) -> str:
                 f"| duplicates not explained by a kill (per body) | {r['unexplained_duplicates']} |",
                 f"| for scale: requests the server was working on just before the kills | "
                 f"{r['server_in_flight_before_kills']:,} |", "",
-                "| kill | after s | lines before / after kill | server busy before | answered, unwritten | torn bytes |",
-                "|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {k['kill']} | {k['after_s']} | {k['lines_before_kill']:,} / {k['lines_after_kill']:,} | "
+                "| kill | after s | attempts in run | lines before / after kill | server busy before "
+                "| answered, unwritten | torn bytes |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {k['kill']} | {k['after_s']} | {k['attempts_in_run']:,} | "
+                f"{k['lines_before_kill']:,} / {k['lines_after_kill']:,} | "
                 f"{k['server_in_flight_before_kill']} | {k['answered_unwritten']} | {k['torn_bytes']} |"
                 for k in r["per_kill"]]
         out += ["", fmt_checks(r["problems"]), ""]
     if "sigint" in results:
         out += ["## 2. Ctrl-C (SIGINT) and resume", "",
-                "| case | exit | SIGINT to exit s | grace s | in flight at SIGINT | written in grace | cut at deadline "
+                "| case | exit | SIGINT to exit s | grace s | in flight at SIGINT | written in grace | left unwritten "
                 "| lines at exit | torn/garbage | resume exit, s | final lines | dup. paid |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, r in results["sigint"].items():
@@ -545,7 +548,7 @@ def report(results: dict) -> str:
                 out.append(f"| {label} | - | | | | | | | | | | |")
                 continue
             out.append(f"| {label} | {r['exit']} | {r['sigint_to_exit_s']} | {r['grace_s']:g} | "
-                       f"{r['in_flight_at_sigint_logged']} | {r['written_during_grace']} | {r['cut_at_deadline']} | "
+                       f"{r['in_flight_at_sigint_logged']} | {r['written_during_grace']} | {r['left_unwritten']} | "
                        f"{r['lines_at_exit']:,} | {int(bool(r['torn_bytes_at_exit'])) + r['garbage_at_exit']} | "
                        f"{r['resume_exit']}, {r['resume_s']} | {r['final_lines']:,} | {r['duplicate_paid_answers']} |")
         out.append("")
@@ -575,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     global LOGGING_LEVEL
     LOGGING_LEVEL = args.logging_level
     parts = args.only or ["kill9", "sigint", "double_sigint"]
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()
     results: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="crash_safety_"))
     try:
@@ -595,8 +598,9 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(workdir, ignore_errors=True)
     runtime = time.monotonic() - started
-    print(f"# Crash safety of api_request_parallel_processor.py\n\nRuntime {runtime:.0f} s; logs in "
-          f"{LOGS.relative_to(ROOT)}/.\n")
+    print(f"# Crash safety of api_request_parallel_processor.py\n\nRuntime {runtime:.0f} s; load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs; other work on the "
+          f"machine slows the server thread and the processor alike); logs in {LOGS.relative_to(ROOT)}/.\n")
     print(report(results))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "crash_safety.json").write_text(json.dumps({**results, "runtime_s": round(runtime, 1)}, indent=2,
