@@ -177,6 +177,8 @@ TOKENIZE_SAMPLE_CHARS = 200
 CORRECTION_FACTOR_BOUNDS = (0.5, 4.0)
 CORRECTION_LEARNING_RATE = 0.1  # weight of each new answer once a few have arrived
 OUTPUT_PRIOR_ANSWERS = 4  # max_tokens weighs as much as this many answers in the output estimate
+OUTPUT_LEARNING_RATE = 0.05
+OUTPUT_DEVIATION_MARGIN = 0.5  # reserve the mean output plus this many mean deviations
 PER_MESSAGE_OVERHEAD_TOKENS = 4
 PER_REQUEST_OVERHEAD_TOKENS = 8
 IMAGE_MAX_LONG_EDGE_PIXELS = 1568
@@ -670,13 +672,13 @@ class Estimator:
     def output_charge(self, model: str, max_tokens: int) -> int:
         """Output tokens to reserve at dispatch: max_tokens at first, then what answers have taught us.
 
-        A generous estimate (the mean plus twice the mean deviation) costs little, as the reservation is
+        A generous estimate (the mean plus half the mean deviation) costs little, as the reservation is
         corrected when each answer arrives; a stingy one, applied to a whole burst, would overrun the
         limit. The first answers to arrive are the short ones, so max_tokens keeps some weight until a
         few dozen have come back.
         """
         calibration = self.calibration(model)
-        learned = calibration.output_tokens_mean + 2 * calibration.output_tokens_deviation
+        learned = calibration.output_tokens_mean + OUTPUT_DEVIATION_MARGIN * calibration.output_tokens_deviation
         prior_weight = OUTPUT_PRIOR_ANSWERS / (OUTPUT_PRIOR_ANSWERS + calibration.answers)
         expected = prior_weight * max_tokens + (1 - prior_weight) * learned
         return max(1, min(max_tokens, math.ceil(expected)))
@@ -694,9 +696,11 @@ class Estimator:
                 error = abs(math.log(actual_input / predicted))
                 calibration.log_spread += weight * (error - calibration.log_spread)
             calibration.log_correction += weight * (observed - calibration.log_correction)
+        # Output lengths vary more than prompt counts: average them over more answers.
+        output_weight = max(OUTPUT_LEARNING_RATE, 1.0 / calibration.answers)
         deviation = abs(actual_output - calibration.output_tokens_mean) if calibration.answers > 1 else 0.0
-        calibration.output_tokens_deviation += weight * (deviation - calibration.output_tokens_deviation)
-        calibration.output_tokens_mean += weight * (actual_output - calibration.output_tokens_mean)
+        calibration.output_tokens_deviation += output_weight * (deviation - calibration.output_tokens_deviation)
+        calibration.output_tokens_mean += output_weight * (actual_output - calibration.output_tokens_mean)
 
 
 # ======================================================================================================

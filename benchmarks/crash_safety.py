@@ -40,6 +40,7 @@ benchmarks/out/crash_safety.json, the processor's logs to benchmarks/out/logs/cr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -102,6 +103,8 @@ class Server:
         self.thread = fs.ServerThread(config)
         self._lock = threading.Lock()
         self._received: Counter = Counter()
+        self._attempts: dict[str, list] = {}  # fingerprint -> [(start s, end s, status or what happened)]
+        self.started = time.monotonic()
         inner = self.thread.server
         original = inner._serve_message
 
@@ -115,7 +118,18 @@ class Server:
             if fingerprint:
                 with self._lock:
                     self._received[fingerprint] += 1
-            return await original(request)
+            began, outcome = self.clock(), "error"
+            try:
+                response = await original(request)
+                outcome = "dropped" if response is None else response.status
+                return response
+            except asyncio.CancelledError:
+                outcome = "cancelled"  # the client went away (a kill, a timeout, a stop)
+                raise
+            finally:
+                if fingerprint:
+                    with self._lock:
+                        self._attempts.setdefault(fingerprint, []).append((began, self.clock(), outcome))
 
         inner._serve_message = counting
 
@@ -129,6 +143,14 @@ class Server:
     @property
     def url(self) -> str:
         return self.thread.messages_url
+
+    def clock(self) -> float:
+        """Seconds since this server was built, rounded to the millisecond."""
+        return round(time.monotonic() - self.started, 3)
+
+    def attempts_of(self, fingerprint: str) -> list:
+        with self._lock:
+            return list(self._attempts.get(fingerprint, []))
 
     def stats(self) -> dict[str, Any]:
         return self.thread.stats_snapshot()
@@ -239,7 +261,8 @@ def duplicates(stats: dict[str, Any]) -> tuple[int, int]:
 def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 1200, seed: int = 1,
               kill_after: tuple[float, float] = (1.0, 8.0), latency: tuple[float, float] = (0.2, 1.5),
               fault_rate: float = 0.2, request_timeout: float = 2.0, max_attempts: int = 10,
-              backoff_scale: float | None = None, final_timeout: float = 240.0, log: Path | None = None) -> dict:
+              backoff_scale: float | None = None, final_timeout: float = 240.0, log: Path | None = None,
+              extra_args: tuple[str, ...] = ()) -> dict:
     """SIGKILL the processor `kills` times at seeded random moments, restart it each time, let the last
     run finish; return every figure and a list of failed checks (empty when all hold)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +284,8 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
     with Server(config) as server:
         cmd = processor_cmd(requests, save, server.url, "--max_requests_per_minute", f"{rpm:g}",
                             "--max_tokens_per_minute", str(HIGH), "--max_output_tokens_per_minute", str(HIGH),
-                            "--request_timeout", f"{request_timeout:g}", "--max_attempts", str(max_attempts))
+                            "--request_timeout", f"{request_timeout:g}", "--max_attempts", str(max_attempts),
+                            *extra_args)
         finished_early = None
         previous_unwritten = previous_received = 0
         for k in range(kills):
@@ -276,6 +300,7 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
             lines_before = count_complete_lines(save)
             server_busy_before = server.stats()["in_flight"]
             os.kill(proc.pid, signal.SIGKILL)
+            killed_at = server.clock()
             proc.wait()
             idle = server.wait_idle()
             stats, received, state = server.stats(), server.received(), read_save(save, bodies)
@@ -284,7 +309,7 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
             answered_unwritten_rows = {row_of.get(fp, -1) for fp, count in by_body.items()
                                        if count > state.success_rows.get(row_of.get(fp, -1), 0)}
             kill_records.append({
-                "kill": k + 1, "after_s": round(delay, 2), "lines_before_kill": lines_before,
+                "kill": k + 1, "after_s": round(delay, 2), "at_s": killed_at, "lines_before_kill": lines_before,
                 "attempts_in_run": stats["requests_received"] - previous_received,
                 "lines_after_kill": state.complete_lines, "torn_bytes": state.torn_bytes, "garbage": state.garbage,
                 "server_in_flight_before_kill": server_busy_before, "server_idle_after_kill": idle,
@@ -309,6 +334,7 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
                             f"{finished_early['run']} (only {len(kill_records)} kills)")
         server.wait_idle()
         stats, received = server.stats(), server.received()
+        server_attempts = {fp: server.attempts_of(fp) for fp in fingerprints}
     wall = time.monotonic() - started
 
     final = read_save(save, bodies)
@@ -325,6 +351,8 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
             if received[fingerprints[row]] > record["_received"][fingerprints[row]]:
                 resent_after_written.add(row)
     unknown_bodies = sum(1 for fp in stats["request_bodies_by_fingerprint"] if fp not in row_of)
+    # For a duplicate no kill explains: every attempt of that body as the server saw it.
+    unexplained_detail = {row: server_attempts.get(fingerprints[row], []) for row in unexplained[:5]}
 
     if final_exit != 0:
         problems.append(f"the last run exited with status {final_exit}, not 0")
@@ -340,7 +368,9 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
     if extra_answers > bound:
         problems.append(f"{extra_answers} duplicate paid answers exceed the bound of {bound}")
     if unexplained:
-        problems.append(f"{len(unexplained)} duplicated bodies were not answered-but-unwritten at any kill")
+        problems.append(f"{len(unexplained)} duplicated bodies were not answered-but-unwritten at any kill; kills at "
+                        f"{[r['at_s'] for r in kill_records]} s; attempts (start s, end s, status) of the first: "
+                        f"{unexplained_detail}")
     if unknown_bodies:
         problems.append(f"the server answered {unknown_bodies} body(ies) that are not in the input")
     for record in kill_records:
@@ -356,7 +386,8 @@ def run_kill9(workdir: Path, *, n: int = 2000, kills: int = 10, rpm: float = 120
         "duplicate_paid_answers": extra_answers, "bodies_answered_twice_or_more": bodies_twice,
         "bound_answered_unwritten_at_kills": bound,
         "server_in_flight_before_kills": sum(r["server_in_flight_before_kill"] for r in kill_records),
-        "unexplained_duplicates": len(unexplained), "resent_after_written": len(resent_after_written),
+        "unexplained_duplicates": len(unexplained), "unexplained_detail": unexplained_detail,
+        "resent_after_written": len(resent_after_written),
         "torn_lines_seen_after_kills": sum(1 for r in kill_records if r["torn_bytes"]),
         "wall_s": round(wall, 1),
         "per_kill": [{k: v for k, v in r.items() if not k.startswith("_")} for r in kill_records],
@@ -413,7 +444,7 @@ def run_interrupt(workdir: Path, name: str, *, n: int = 1000, config: fs.ServerC
             os.kill(proc.pid, signal.SIGKILL)
             code = proc.wait()
             problems.append(f"no exit {grace + 30:g} s after the SIGINT: killed")
-        exited_at = time.monotonic()
+        exited_at, exit_clock = time.monotonic(), server.clock()
         server.wait_idle()
         stopped = read_save(save, bodies)
         text = log.read_text(errors="replace")
@@ -451,14 +482,19 @@ def run_interrupt(workdir: Path, name: str, *, n: int = 1000, config: fs.ServerC
         result["resume_s"] = round(time.monotonic() - resume_started, 1)
         server.wait_idle()
         stats = server.stats()
+        # When the server finished the answers that were paid twice, before the stopped run's exit.
+        twice = [fp for fp, count in stats["request_bodies_by_fingerprint"].items() if count > 1]
+        finished_before_exit = [exit_clock - min(end for _, end, status in server.attempts_of(fp) if status == 200)
+                                for fp in twice]
     final = read_save(save, bodies)
     extra_answers, _ = duplicates(stats)
     result.update({"resume_exit": resumed, "final_lines": final.complete_lines,
                    "final_rows_once": set(final.success_rows) == set(range(n))
                    and all(c == 1 for c in final.success_rows.values()) and not final.failures,
                    "duplicate_paid_answers": extra_answers})
-    # Answers the server completed but the stopped run did not write: each one is paid twice after the resume.
-    result["answered_unwritten_at_stop"] = stats["successes"] - final.successes
+    # Each was answered by the server this long before the stopped run exited, and never written.
+    result["duplicates_answered_s_before_exit"] = [round(min(finished_before_exit), 3),
+                                                   round(max(finished_before_exit), 3)] if twice else None
     if resumed != 0:
         problems.append(f"the resume exited with status {resumed}, not 0")
     if final.complete_lines != n or final.torn_bytes or final.garbage or final.wrong_request or not result["final_rows_once"]:
