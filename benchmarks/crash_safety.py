@@ -1,6 +1,6 @@
 """Crash safety of api_request_parallel_processor.py: kill -9 and resume, Ctrl-C, a second Ctrl-C.
 
-    python benchmarks/crash_safety.py                  # all three parts, about 3 minutes on 2 cores
+    python benchmarks/crash_safety.py                  # all three parts, about 2.5 minutes on 2 cores
     python benchmarks/crash_safety.py --only kill9     # one part: kill9 | sigint | double_sigint
     python benchmarks/crash_safety.py --seed 7         # other kill moments
 
@@ -13,8 +13,8 @@ benchmarks/out/crash_safety.json, the processor's logs to benchmarks/out/logs/cr
    fails 20% of attempts at random (529, 500, an HTML 503, dropped connections, hangs, truncated JSON; hangs
    are cut by --request_timeout 2). Server and processor share a limit of 1,200 requests a minute (token
    limits out of the way), so the job takes about a minute uninterrupted: the one-minute bucket sends the
-   first 1,200 attempts at once, the other ~1,300 (faults included) take another minute (about 65 s in a
-   measured run). At 10 seeded random moments (1-8 s after each start) the processor is SIGKILLed and the
+   first 1,200 attempts at once, the other ~1,300 (faults included) take another minute (74 s in a measured
+   run). At 10 seeded random moments (1-8 s after each start) the processor is SIGKILLed and the
    same command is started again; after the 10th restart it finishes. Checked:
    - the final save file holds exactly one line per input line, all successes, each row once, every line
      complete JSON with the request as it was in the input (no torn or garbage line);
@@ -32,7 +32,9 @@ benchmarks/out/crash_safety.json, the processor's logs to benchmarks/out/logs/cr
    every line written so far complete, then the same command resumes and leaves one line per input. Then
    the same with --shutdown_grace 2 and a slow server (3-10 s per answer, no faults), so that requests are
    still in flight at the deadline: the exit must come about 2 s after the SIGINT (2 s + 1 s allowance
-   for process teardown), and the requests cut off must be resent by the resume, not lost.
+   for process teardown), and the requests cut off must be resent by the resume, not lost. "dup. paid"
+   counts answers the server finished but the stopped run never wrote (paid again by the resume), with
+   how long before the exit the server finished them.
 3. A second Ctrl-C 0.5 s after the first (slow server, requests in flight): exit status 130 at once, the
    file holds only complete lines, and the same command resumes and finishes.
 """
@@ -537,6 +539,11 @@ def run_double_sigint(workdir: Path) -> dict:
 # ======================================================================================================
 
 
+def fmt_before_exit(r: dict) -> str:
+    span = r.get("duplicates_answered_s_before_exit")
+    return f" (answered {span[0]:g}-{span[1]:g} s before the exit)" if span else ""
+
+
 def fmt_checks(problems: list[str]) -> str:
     return "all checks pass" if not problems else "**FAILED**: " + "; ".join(problems)
 
@@ -586,7 +593,8 @@ def report(results: dict) -> str:
             out.append(f"| {label} | {r['exit']} | {r['sigint_to_exit_s']} | {r['grace_s']:g} | "
                        f"{r['in_flight_at_sigint_logged']} | {r['written_during_grace']} | {r['left_unwritten']} | "
                        f"{r['lines_at_exit']:,} | {int(bool(r['torn_bytes_at_exit'])) + r['garbage_at_exit']} | "
-                       f"{r['resume_exit']}, {r['resume_s']} | {r['final_lines']:,} | {r['duplicate_paid_answers']} |")
+                       f"{r['resume_exit']}, {r['resume_s']} | {r['final_lines']:,} | {r['duplicate_paid_answers']}"
+                       f"{fmt_before_exit(r)} |")
         out.append("")
         out += [f"- {label}: {fmt_checks(r['problems'])}" for label, r in results["sigint"].items()]
         out.append("")
@@ -599,7 +607,7 @@ def report(results: dict) -> str:
                     f"torn/garbage {int(bool(r['torn_bytes_at_exit'])) + r['garbage_at_exit']}; "
                     f"{r['in_flight_at_sigint_logged']} requests were in flight at the first SIGINT. The resume exited "
                     f"{r['resume_exit']} after {r['resume_s']} s with {r['final_lines']:,} lines; duplicate paid answers "
-                    f"{r['duplicate_paid_answers']}.", ""]
+                    f"{r['duplicate_paid_answers']}{fmt_before_exit(r)}.", ""]
         out += [fmt_checks(r["problems"]), ""]
     return "\n".join(out)
 

@@ -631,8 +631,8 @@ def markdown(results: dict, sections: tuple[str, ...] = SECTIONS) -> str:
                        f"| {r['cpu_ms_per_request']:.3f} | {r['server_cpu_ms_per_request']:.3f} | {r['exit']} |")
         out += ["", f"Ratio processor/ceiling: {o['ratio']:.2f} (server span), {o['ratio_wall']:.2f} (wall); "
                 f"processor/ceiling_trust_env: {o['ratio_vs_trust_env_ceiling']:.2f}. ceiling_trust_env is the same "
-                "minimal loop with ClientSession(trust_env=True), as the processor opens its session: aiohttp then "
-                "looks up proxies and .netrc in a worker thread for every request.", ""]
+                "minimal loop with ClientSession(trust_env=True): aiohttp then looks up proxies and .netrc in a "
+                "worker thread for every request (the processor looks its proxy up once per run instead).", ""]
     if "memory" in results:
         m = results["memory"]
         out += ["### 3. Memory (peak RSS of the processor, sampled every 50 ms)", "",
@@ -667,8 +667,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmarks of the parallel processor against the fake server.")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, about a minute in all")
     parser.add_argument("--only", choices=SECTIONS, help="run one section (chart: redraw from results.json)")
+    parser.add_argument("--latency", help="LOW,HIGH seconds of server latency instead of 0.5,5 "
+                                          "(e.g. 1,1: a fixed latency makes 'one latency' unambiguous)")
     args = parser.parse_args()
-    params = QUICK if args.quick else FULL
+    params = dict(QUICK if args.quick else FULL)
+    if args.latency:
+        params["latency"] = tuple(float(part) for part in args.latency.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     results_path = OUT / "results.json"
     results: dict[str, Any] = {}
