@@ -822,7 +822,9 @@ class Limiter:
         self.advertised: dict[str, float] = {}
         # What others sharing the service's limit seem to use, per second: see observe_headers.
         self.foreign_per_second = dict.fromkeys(LIMIT_KINDS, 0.0)
-        self.last_resync = dict.fromkeys(LIMIT_KINDS, now)
+        # When the service's headers last lowered a bucket. None until the first header: what that one
+        # finds missing may be what an earlier run of ours used just before, so it teaches us no rate.
+        self.last_resync: dict[str, float | None] = dict.fromkeys(LIMIT_KINDS, None)
         self.headers_seen_at = -math.inf
 
     def seconds_until_admissible(self, need: Need, now: float) -> float:
@@ -884,7 +886,13 @@ class Limiter:
             # Token counts are rounded to the nearest thousand; a small difference is noise.
             tolerance = 1.0 if kind == "requests" else 1000.0 + HEADER_RESYNC_TOLERANCE * bucket.capacity
             deficit = bucket.available(now) - remaining
-            since = now - self.last_resync[kind]
+            last = self.last_resync[kind]
+            if last is None:  # the first header: follow it, learn nothing yet
+                self.last_resync[kind] = now
+                if deficit > tolerance:
+                    bucket.lower_to(remaining, now)
+                continue
+            since = now - last
             if deficit > tolerance:
                 # Since the last resync we already left them foreign_per_second; the deficit is the rest.
                 sample = self.foreign_per_second[kind] + deficit / max(since, 0.1)

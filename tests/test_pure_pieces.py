@@ -1309,3 +1309,14 @@ def test_a_service_that_has_much_less_than_we_thought_teaches_us_others_use_of_t
         limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "0"}, second)
     assert limiter.foreign_per_second["requests"] > 3
     assert limiter.buckets["requests"].refill_per_second < 10 - 3
+
+
+def test_a_drained_bucket_at_start_is_followed_but_teaches_no_rate_of_others():
+    # A resumed run finds the limit spent by its own killed predecessor: believe it, but do not conclude
+    # that someone else is using the limit at a furious rate.
+    limiter = app.Limiter(limits(1200, 10**9, 10**9), now=0)
+    limiter.observe_headers({"anthropic-ratelimit-requests-limit": "1200",
+                             "anthropic-ratelimit-requests-remaining": "0"}, 0.05)
+    assert limiter.buckets["requests"].level(0.05) == 0
+    assert limiter.foreign_per_second["requests"] == 0
+    assert limiter.buckets["requests"].refill_per_second == pytest.approx(20)
