@@ -2509,6 +2509,16 @@ def parse_limit(value: Any, default: float, name: str) -> LimitSetting:
     return LimitSetting(number)
 
 
+def parse_limits(requests_per_minute: Any, input_tokens_per_minute: Any,
+                 output_tokens_per_minute: Any) -> dict[str, LimitSetting]:
+    """The three limit flags, by bucket."""
+    return {"requests": parse_limit(requests_per_minute, DEFAULT_MAX_REQUESTS_PER_MINUTE, "max_requests_per_minute"),
+            "input-tokens": parse_limit(input_tokens_per_minute, DEFAULT_MAX_INPUT_TOKENS_PER_MINUTE,
+                                        "max_tokens_per_minute"),
+            "output-tokens": parse_limit(output_tokens_per_minute, DEFAULT_MAX_OUTPUT_TOKENS_PER_MINUTE,
+                                         "max_output_tokens_per_minute")}
+
+
 def default_save_filepath(requests_filepath: Path) -> Path:
     name = requests_filepath.name
     stem = name.removesuffix(".jsonl")
@@ -2659,10 +2669,7 @@ async def process_api_requests_from_file(
     started = time.monotonic()
     requests_path = Path(requests_filepath)
     save_path = Path(save_filepath) if save_filepath else default_save_filepath(requests_path)
-    limits = {"requests": parse_limit(max_requests_per_minute, DEFAULT_MAX_REQUESTS_PER_MINUTE, "max_requests_per_minute"),
-              "input-tokens": parse_limit(max_tokens_per_minute, DEFAULT_MAX_INPUT_TOKENS_PER_MINUTE, "max_tokens_per_minute"),
-              "output-tokens": parse_limit(max_output_tokens_per_minute, DEFAULT_MAX_OUTPUT_TOKENS_PER_MINUTE,
-                                           "max_output_tokens_per_minute")}
+    limits = parse_limits(max_requests_per_minute, max_tokens_per_minute, max_output_tokens_per_minute)
     if max_attempts < 1:
         raise UsageError("--max_attempts must be at least 1")
     if stream not in ("auto", "always", "never"):
@@ -2812,10 +2819,7 @@ def dry_run(requests_path: Path, max_requests_per_minute: float | str, max_token
     out = out or sys.stdout
     if not requests_path.is_file():
         raise UsageError(f"requests file not found: {requests_path}")
-    limits = {"requests": parse_limit(max_requests_per_minute, DEFAULT_MAX_REQUESTS_PER_MINUTE, "max_requests_per_minute"),
-              "input-tokens": parse_limit(max_tokens_per_minute, DEFAULT_MAX_INPUT_TOKENS_PER_MINUTE, "max_tokens_per_minute"),
-              "output-tokens": parse_limit(max_output_tokens_per_minute, DEFAULT_MAX_OUTPUT_TOKENS_PER_MINUTE,
-                                           "max_output_tokens_per_minute")}
+    limits = parse_limits(max_requests_per_minute, max_tokens_per_minute, max_output_tokens_per_minute)
     if count_tokens is None:
         count_tokens, _ = load_tokenizer()
     models: dict[str, ModelEstimate] = {}
