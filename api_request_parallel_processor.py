@@ -11,6 +11,10 @@ Features
   - Three token buckets per model (requests, input tokens, output tokens per minute), refilled
     continuously. A request is sent only when all three hold its need; each response's `usage` and
     rate-limit headers correct the buckets afterwards.
+  - Reads the service's rate-limit headers: `auto` adopts the limits it advertises, and when another
+    process uses the same limit, the buckets follow the service and leave the others their share. The
+    first request to each model goes alone (streamed, so its headers come back at once), and the full
+    buckets are then handed out over two seconds rather than in one burst.
   - Token estimates start from tiktoken (or a byte-based fallback when its encoding cannot be loaded, as on
     an air-gapped machine) and learn a correction per model from the real `usage` of each answer.
   - Prompt caching: the first request of each cached prefix writes the cache alone, the others wait for it
