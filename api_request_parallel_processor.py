@@ -856,8 +856,18 @@ class Limiter:
         for bucket in self.buckets.values():
             bucket.ramp_up(RAMP_UP_SECONDS, now)
 
-    def pause(self, until: float) -> None:
+    def pause(self, until: float, now: float | None = None) -> None:
+        """Send nothing to this model until `until` (a 429's retry-after).
+
+        With `now`, the buckets also gain nothing during the pause: what refills meanwhile at the service
+        went to whoever made it answer 429, and spending it all when the pause ends would only earn the
+        next 429 (two processes sharing a limit would otherwise fall into a rhythm of bursts and pauses).
+        """
         self.paused_until = max(self.paused_until, until)
+        if now is not None:
+            for bucket in self.buckets.values():
+                # To just what makes it reach zero when the pause ends (several 429s do not add up).
+                bucket.lower_to(-(until - now) * bucket.refill_per_second, now)
 
     def observe_headers(self, headers: Any, now: float) -> list[str]:
         """Read `anthropic-ratelimit-*`: adopt `auto` limits, and follow the service when it has less.
@@ -1943,7 +1953,7 @@ class Scheduler:
             limiter.settle("requests", attempt.need.requests, 0, now)
             self.stats.rate_limited += 1
             pause = RATE_LIMIT_PAUSE_SECONDS if delay is None else delay
-            limiter.pause(now + pause)
+            limiter.pause(now + pause, now)
             delay = pause
             logger.warning(f"line {job.line_number}: rate limited (429); pausing {attempt.limiter_key} for {pause:g} s")
         else:
@@ -2963,7 +2973,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, CRITICAL or 5..50 (default INFO)")
     add("--use_caching", type=parse_bool, nargs="?", const=True, default=False,
         help="True/False; bare flag means True: write each cached prefix once, then read it (default False)")
-    add("--max_concurrent_requests", type=positive_int, default=None, help="cap on requests in flight (default none)")
+    add("--max_concurrent_requests", type=positive_int, default=None,
+        help="cap on requests in flight (default 5,000)")
     add("--request_timeout", type=positive_float, default=None,
         help="seconds per non-streamed attempt (default 600, longer for large max_tokens)")
     add("--anthropic_version", default=DEFAULT_ANTHROPIC_VERSION, help="anthropic-version header (default 2023-06-01)")

@@ -64,7 +64,7 @@ def shared(folder: Path, stagger_seconds: float) -> None:
                  "--max_output_tokens_per_minute", "10000000", "--max_attempts", "20", "--summary_filepath",
                  folder / f"summary_{tag}_{stagger_seconds:g}.json"], stderr=subprocess.DEVNULL, env=ENV))
             time.sleep(stagger_seconds)
-        codes = [process.wait(timeout=600) for process in processes]
+        codes = [process.wait(timeout=300) for process in processes]
         stats = srv.stats_snapshot()
     summaries = [json.loads((folder / f"summary_{tag}_{stagger_seconds:g}.json").read_text()) for tag in ("a", "b")]
     total = 2 * per_process

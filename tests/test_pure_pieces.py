@@ -1320,3 +1320,12 @@ def test_a_drained_bucket_at_start_is_followed_but_teaches_no_rate_of_others():
     assert limiter.buckets["requests"].level(0.05) == 0
     assert limiter.foreign_per_second["requests"] == 0
     assert limiter.buckets["requests"].refill_per_second == pytest.approx(20)
+
+
+def test_a_429_pause_lets_the_buckets_gain_nothing_and_several_429s_do_not_add_up():
+    limiter = app.Limiter(limits(600, 10**6, 10**6), now=0)  # 10 requests a second
+    limiter.pause(2.0, now=0)
+    limiter.pause(2.0, now=0)  # a second 429 of the same moment
+    assert limiter.seconds_until_admissible(app.Need(1, 1, 1), 0) == 2.0
+    assert limiter.buckets["requests"].level(2.0) == pytest.approx(0)  # nothing saved up for a burst
+    assert limiter.seconds_until_admissible(app.Need(1, 1, 1), 2.0) == pytest.approx(0.1)
