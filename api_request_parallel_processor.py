@@ -118,6 +118,7 @@ from array import array
 from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -2141,11 +2142,12 @@ class BatchClient:
         self.max_attempts, self.rng = max_attempts, rng
         self.proxy = proxy_for(request_url)
 
-    async def call(self, method: str, url: str, data: Any = None, data_factory: Callable[[], Any] | None = None) -> dict:
+    async def call(self, method: str, url: str, data_factory: Callable[[], Any] | None = None) -> dict:
+        """One endpoint call; `data_factory` makes a fresh body for each attempt."""
         for attempt in range(1, max(self.max_attempts, 3) + 1):
             try:
                 async with self.session.request(method, url, headers=self.headers, proxy=self.proxy,
-                                                data=data_factory() if data_factory else data,
+                                                data=data_factory() if data_factory else None,
                                                 timeout=aiohttp.ClientTimeout(total=600)) as response:
                     body = await response.read()
                     if response.status == 200:
@@ -2310,8 +2312,6 @@ async def adopt_pending_batch(state: BatchJobState, client: BatchClient) -> None
 
 
 def datetime_to_timestamp(text: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
