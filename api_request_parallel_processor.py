@@ -12,9 +12,10 @@ Features
     continuously. A request is sent only when all three hold its need; each response's `usage` and
     rate-limit headers correct the buckets afterwards.
   - Reads the service's rate-limit headers: `auto` adopts the limits it advertises, and when another
-    process uses the same limit, the buckets follow the service and leave the others their share. The
-    first request to each model goes alone (streamed, so its headers come back at once), and the full
-    buckets are then handed out over two seconds rather than in one burst.
+    process uses the same limit, the buckets follow the service, leave the others their rate of use and
+    claim only their share of what remains. The first request to each model goes alone (streamed, so
+    its headers come back at once), and the full buckets are then handed out over two seconds rather
+    than in one burst.
   - Token estimates start from tiktoken (or a byte-based fallback when its encoding cannot be loaded, as on
     an air-gapped machine) and learn a correction per model from the real `usage` of each answer.
   - Prompt caching: the first request of each cached prefix writes the cache alone, the others wait for it
@@ -166,6 +167,8 @@ HEADER_RESYNC_TOLERANCE = 0.005
 HEADER_OBSERVE_INTERVAL_SECONDS = 0.02
 FOREIGN_USE_LEARNING_RATE = 0.3
 FOREIGN_USE_DECAY_SECONDS = 10.0
+# While others share a limit, leave this many seconds of its refill at the service (see shared_reserve).
+SHARED_RESERVE_SECONDS = 0.5
 # Until a model's first answer arrives, send one request to it alone (streamed in `--stream auto`, so
 # its headers come back before the answer is written), for at most this long: its rate-limit headers
 # tell us whether someone else is already using the limit, before we send a full bucket's worth.
@@ -764,9 +767,19 @@ class TokenBucket:
         """The level plus what a ramp-up has yet to hand out: what our books say the service holds."""
         return self.level(now) + max(0.0, self._ramp_until - now) * self._ramp_per_second
 
-    def lower_to(self, level: float, now: float) -> None:
-        """The service holds less than our books: believe it (and hand out no more of a ramp-up)."""
-        if self.available(now) > level:
+    def lower_to(self, level: float, now: float, over_seconds: float = 0.0) -> None:
+        """The service holds less than our books: believe it. With `over_seconds`, hand out what we then
+        hold over that long (as a ramp-up) rather than at once: others spend from it too, and their use
+        shows up in the headers only as our answers come back."""
+        if self.available(now) <= level:
+            return
+        base = min(self.level(now), 0.0, level)  # debts stay; only what is there to spend is spread
+        self._level = base
+        over_seconds = max(over_seconds, self._ramp_until - now)  # a ramp-up in progress stays one
+        if over_seconds > 0 and level > base:
+            self._ramp_per_second = (level - base) / over_seconds
+            self._ramp_until = now + over_seconds
+        else:
             self._level = level
             self._ramp_until = now
 
@@ -830,6 +843,10 @@ class Limiter:
         # When the service's headers last lowered a bucket. None until the first header: what that one
         # finds missing may be what an earlier run of ours used just before, so it teaches us no rate.
         self.last_resync: dict[str, float | None] = dict.fromkeys(LIMIT_KINDS, None)
+        # All we have charged to each bucket, and how much of it by the last resync: our own rate of use
+        # between two readings of the headers, to weigh against the others' (see observe_headers).
+        self.taken_total = dict.fromkeys(LIMIT_KINDS, 0.0)
+        self.taken_at_resync = dict.fromkeys(LIMIT_KINDS, 0.0)
         self.headers_seen_at = -math.inf
 
     def seconds_until_admissible(self, need: Need, now: float) -> float:
@@ -843,10 +860,12 @@ class Limiter:
         """Charge an attempt when it leaves."""
         for kind, amount in zip(LIMIT_KINDS, (need.requests, need.input_tokens, need.output_tokens)):
             self.buckets[kind].take(amount, now)
+            self.taken_total[kind] += amount
 
     def settle(self, kind: str, charged: float, actual: float, now: float) -> None:
         """Correct a bucket once the real amount is known."""
         difference = actual - charged
+        self.taken_total[kind] += difference
         if difference > 0:
             self.buckets[kind].take(difference, now)
         elif difference < 0:
@@ -875,10 +894,15 @@ class Limiter:
 
         Our books charge every request when it leaves and the service charges it when it arrives, so our
         level is normally at or below the service's `remaining`. When the service reports clearly less,
-        someone else shares the limit (another process, another machine): we lower our level to the
-        service's, and from the deficits over time estimate the others' rate of use, which we then leave
-        to them by refilling that much slower (it decays when the deficits stop). We never raise a
-        bucket from a header. Returns notices about the advertised limits, for the caller to log once.
+        someone else shares the limit (another process, another machine). Then:
+        - from the deficits over time we estimate the others' rate of use, and leave it to them by
+          refilling that much slower (the estimate decays when the deficits stop);
+        - of what remains at the service we claim only our share (our use against theirs since the last
+          reading), handed out over a few seconds, since they read the same `remaining` and spend from
+          it too, and what they spend meanwhile reaches us only with our next answers;
+        - we leave a small reserve at the service (see shared_reserve).
+        We never raise a bucket from a header. Returns notices about the advertised limits, for the
+        caller to log once.
         """
         notices = []
         for kind in LIMIT_KINDS:
@@ -900,29 +924,50 @@ class Limiter:
                 continue
             # Token counts are rounded to the nearest thousand; a small difference is noise.
             tolerance = 1.0 if kind == "requests" else 1000.0 + HEADER_RESYNC_TOLERANCE * bucket.capacity
-            deficit = bucket.available(now) - remaining
             last = self.last_resync[kind]
             if last is None:  # the first header: follow it, learn nothing yet
-                self.last_resync[kind] = now
-                if deficit > tolerance:
-                    bucket.lower_to(remaining, now)
+                self.mark_resync(kind, now)
+                if bucket.available(now) - remaining > tolerance:
+                    bucket.lower_to(remaining, now, over_seconds=RAMP_UP_SECONDS)
                 continue
             since = now - last
+            target = remaining - self.shared_reserve(kind)
+            deficit = bucket.available(now) - target
             if deficit > tolerance:
                 # Since the last resync we already left them foreign_per_second; the deficit is the rest.
-                sample = self.foreign_per_second[kind] + deficit / max(since, 0.1)
-                self.foreign_per_second[kind] += FOREIGN_USE_LEARNING_RATE * (sample - self.foreign_per_second[kind])
-                self.last_resync[kind] = now
-                bucket.lower_to(remaining, now)
+                others = self.foreign_per_second[kind] + deficit / max(since, 0.1)
+                own = (self.taken_total[kind] - self.taken_at_resync[kind]) / max(since, 0.1)
+                self.foreign_per_second[kind] += FOREIGN_USE_LEARNING_RATE * (others - self.foreign_per_second[kind])
+                # (They cannot use more than the whole limit; our pauses after 429s can look like more.)
+                self.foreign_per_second[kind] = min(self.foreign_per_second[kind], bucket.capacity / 60.0)
+                self.mark_resync(kind, now)
+                # The others read the same `remaining` and will spend from it too: claim only our share
+                # of it, as we and they used the limit since the last reading, and hand it out over a
+                # few seconds. (Claiming all of it at once, two processes that start together each spend
+                # the whole bucket, and a third of their requests meet a 429.)
+                share = own / (own + others) if own > 0 else 0.0
+                bucket.lower_to(share * (remaining - self.shared_reserve(kind)), now, over_seconds=RAMP_UP_SECONDS)
                 self.apply_foreign_use(kind, now)
             elif self.foreign_per_second[kind] and (since > FOREIGN_USE_DECAY_SECONDS
                                                      or (-deficit > tolerance and since > 1.0)):
                 # No deficit for a long while, or the service holds clearly more than we thought: the
                 # others use less now. Halve our estimate of them (a deficit will correct it if wrong).
                 self.foreign_per_second[kind] /= 2
-                self.last_resync[kind] = now
+                self.mark_resync(kind, now)
                 self.apply_foreign_use(kind, now)
         return notices
+
+    def shared_reserve(self, kind: str) -> float:
+        """While others share a limit, what we leave at the service: when two clients each spend every
+        unit the moment it refills, whichever comes second meets a 429. A little left in hand absorbs
+        that race."""
+        if not self.foreign_per_second[kind]:
+            return 0.0
+        return SHARED_RESERVE_SECONDS * self.buckets[kind].capacity / 60.0
+
+    def mark_resync(self, kind: str, now: float) -> None:
+        self.last_resync[kind] = now
+        self.taken_at_resync[kind] = self.taken_total[kind]
 
     def apply_foreign_use(self, kind: str, now: float) -> None:
         """Refill at our limit less what others seem to use (never below a tenth of our limit)."""

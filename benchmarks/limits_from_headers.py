@@ -1,6 +1,6 @@
 """Does the processor follow what the service's rate-limit headers say? Two acceptance figures:
 
-    python benchmarks/limits_from_headers.py
+    python benchmarks/limits_from_headers.py [--shared-only] [--stagger SECONDS ...]
 
 1. `--max_requests_per_minute auto` (and the token limits auto) against a server that allows 3,000
    requests/min: the request rate after the first answer, against the default 40/min.
@@ -8,6 +8,7 @@
    seconds after the first, as two cron jobs would): both finish, and how many 429s they received.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -76,12 +77,17 @@ def shared(folder: Path, stagger_seconds: float) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared-only", action="store_true", help="skip the auto-limit run")
+    parser.add_argument("--stagger", type=float, action="append",
+                        help="seconds between the two processes' starts (repeatable; default 5 and 0)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        if "--shared-only" not in sys.argv:
+        if not args.shared_only:
             auto_limits(folder)
-        shared(folder, stagger_seconds=5.0)
-        shared(folder, stagger_seconds=0.0)
+        for stagger in args.stagger or (5.0, 0.0):
+            shared(folder, stagger_seconds=stagger)
 
 
 if __name__ == "__main__":

@@ -735,7 +735,11 @@ def test_bucket_is_lowered_when_the_service_says_clearly_less_remains():
     limiter.take(app.Need(1, 5000, 100), 0)
     limiter.take(app.Need(1, 5000, 100), 0)
     limiter.observe_headers(input_remaining(40_000), 0)
-    assert limiter.buckets["input-tokens"].level(0) == 40_000
+    bucket = limiter.buckets["input-tokens"]
+    assert bucket.available(0) == 40_000
+    # Handed out over a ramp, not at once: the others spend from those 40,000 too.
+    assert bucket.level(0) == 0
+    assert bucket.level(app.RAMP_UP_SECONDS) == pytest.approx(40_000 + app.RAMP_UP_SECONDS * bucket.refill_per_second)
 
 
 def test_bucket_is_never_raised_by_the_service_headers():
@@ -1330,3 +1334,92 @@ def test_a_429_pause_lets_the_buckets_gain_nothing_and_several_429s_do_not_add_u
     assert limiter.seconds_until_admissible(app.Need(1, 1, 1), 0) == pytest.approx(2.1)
     assert limiter.buckets["requests"].level(2.0) == pytest.approx(0)
     assert limiter.seconds_until_admissible(app.Need(1, 1, 1), 2.0) == pytest.approx(0.1)
+
+
+def test_lowering_during_a_ramp_up_keeps_it_a_ramp():
+    bucket = app.TokenBucket(1200, 20, now=0)
+    bucket.ramp_up(2, now=0)
+    bucket.lower_to(600, 0.5)  # someone else is using it: less to hand out, but still not at once
+    assert bucket.available(0.5) == pytest.approx(600)
+    assert bucket.level(0.5) <= 0
+    assert bucket.level(2) == pytest.approx(600 + 1.5 * 20)
+
+
+def test_a_limit_shared_with_an_equal_user_is_claimed_half():
+    limiter = app.Limiter(limits(1200, 10**9, 10**9), now=0)
+    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "1200"}, 0)  # the first reading
+    for _ in range(100):
+        limiter.take(app.Need(1, 1, 1), 0.5)
+    bucket = limiter.buckets["requests"]
+    # In that half second the service lost 100 more than we sent: another client as fast as we are.
+    remaining = math.floor(bucket.available(0.5)) - 100
+    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": str(remaining)}, 0.5)
+    reserve = app.SHARED_RESERVE_SECONDS * 20
+    assert bucket.available(0.5) == pytest.approx((remaining - reserve) / 2, rel=0.02)
+    assert bucket.level(0.5) <= 0  # handed out over the next seconds
+
+
+def test_while_others_share_the_limit_some_is_left_at_the_service_and_that_is_no_surplus():
+    limiter = app.Limiter(limits(1200, 10**9, 10**9), now=0)
+    limiter.foreign_per_second["requests"] = 10.0
+    limiter.last_resync["requests"] = 0.0
+    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "20"}, 0.5)  # we thought 1200 + 10
+    reserve = limiter.shared_reserve("requests")
+    assert reserve == pytest.approx(10)
+    assert limiter.buckets["requests"].available(0.5) <= 20 - reserve + 1e-9
+    foreign = limiter.foreign_per_second["requests"]
+    # Two seconds later the service holds what we left it: no reason to think the others use less.
+    level = limiter.buckets["requests"].available(2.5)
+    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": str(int(level + reserve))}, 2.5)
+    assert limiter.foreign_per_second["requests"] == pytest.approx(foreign)
+
+
+def simulate_clients_sharing_a_limit(starts: list[float], seconds: float, latency: float = 0.3,
+                                     per_minute: float = 1200) -> tuple[int, int]:
+    """Clients each told they have all of one service bucket: (admitted, 429s). Each sends what its
+    limiter admits every 10 ms, the service answers after `latency` with its headers, the first request
+    goes alone and the ramp-up starts with its answer (as the Scheduler does)."""
+    service = app.TokenBucket(per_minute, per_minute / 60, now=0)
+    clients = [app.Limiter(limits(per_minute, 10**9, 10**9), now=start) for start in starts]
+    answers: list[tuple[float, int]] = []  # (when it arrives, client)
+    contacted, first_sent = set(), set()
+    admitted = rejected = 0
+    need = app.Need(1, 1, 1)
+    order = random.Random(7)
+    for step in range(int(seconds * 100)):
+        now = step / 100
+        for answer in sorted(a for a in answers if a[0] <= now):
+            answers.remove(answer)
+            client = answer[1]
+            if client not in contacted:
+                contacted.add(client)
+                clients[client].ramp_up(now)
+            remaining = math.floor(service.level(now))  # as the service's headers say when it answers
+            clients[client].observe_headers({"anthropic-ratelimit-requests-remaining": str(remaining)}, now)
+        # Whoever comes first in a moment varies.
+        for index, limiter in order.sample(list(enumerate(clients)), len(clients)):
+            if now < starts[index] or (index in first_sent and index not in contacted):
+                continue
+            while limiter.seconds_until_admissible(need, now) == 0:
+                limiter.take(need, now)
+                first_sent.add(index)
+                if service.level(now) >= 1:
+                    service.take(1, now)
+                    admitted += 1
+                    answers.append((now + latency, index))
+                else:
+                    rejected += 1
+                    limiter.pause(now + 1, now)
+                    limiter.settle("requests", 1, 0, now)
+                    answers.append((now + 0.01, index))  # a 429 carries the headers too
+                if index not in contacted:
+                    break
+    return admitted, rejected
+
+
+@pytest.mark.parametrize("starts,latency", [([0, 0], 0.3), ([0, 5], 0.3), ([0, 0, 0], 0.3), ([0, 0], 1.0)])
+def test_clients_sharing_a_limit_use_it_all_and_rarely_meet_a_429(starts, latency):
+    admitted, rejected = simulate_clients_sharing_a_limit(starts, seconds=60, latency=latency)
+    possible = 1200 + 20 * 60
+    assert admitted >= 0.9 * possible
+    assert rejected <= 0.02 * admitted
