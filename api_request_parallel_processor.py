@@ -937,17 +937,13 @@ class Limiter:
                 # Since the last resync we already left them foreign_per_second; the deficit is the rest.
                 others = self.foreign_per_second[kind] + deficit / max(since, 0.1)
                 own = (self.taken_total[kind] - self.taken_at_resync[kind]) / max(since, 0.1)
-                self.foreign_per_second[kind] += FOREIGN_USE_LEARNING_RATE * (others - self.foreign_per_second[kind])
-                # (They cannot use more than the whole limit; our pauses after 429s can look like more.)
-                self.foreign_per_second[kind] = min(self.foreign_per_second[kind], bucket.capacity / 60.0)
-                self.mark_resync(kind, now)
+                self.learn_others_use(kind, others, now)
                 # The others read the same `remaining` and will spend from it too: claim only our share
                 # of it, as we and they used the limit since the last reading, and hand it out over a
                 # few seconds. (Claiming all of it at once, two processes that start together each spend
                 # the whole bucket, and a third of their requests meet a 429.)
                 share = own / (own + others) if own > 0 else 0.0
                 bucket.lower_to(share * (remaining - self.shared_reserve(kind)), now, over_seconds=RAMP_UP_SECONDS)
-                self.apply_foreign_use(kind, now)
             elif self.foreign_per_second[kind] and (since > FOREIGN_USE_DECAY_SECONDS
                                                      or (-deficit > tolerance and since > 1.0)):
                 # No deficit for a long while, or the service holds clearly more than we thought: the
@@ -957,13 +953,35 @@ class Limiter:
                 self.apply_foreign_use(kind, now)
         return notices
 
+    def learn_from_rate_limit(self, headers: Any, need: Need, now: float) -> None:
+        """A 429: our books said the service held what this request needed, and it did not. Where its
+        headers show a bucket short of the need, someone else spent it (or the service's limit is below
+        ours): count that as the others' use, as a deficit would be. Near an empty bucket this is often
+        the only sign of them, since `remaining` cannot go below zero."""
+        for kind, amount in zip(LIMIT_KINDS, (need.requests, need.input_tokens, need.output_tokens)):
+            remaining = parse_number(headers.get(f"anthropic-ratelimit-{kind}-remaining"))
+            last = self.last_resync[kind]
+            if remaining is None or remaining >= amount or last is None:
+                continue
+            self.learn_others_use(kind, self.foreign_per_second[kind] + amount / max(now - last, 0.1), now)
+
+    def learn_others_use(self, kind: str, per_second: float, now: float) -> None:
+        """Fold one reading of the others' rate of use into our estimate, and leave it to them."""
+        estimate = self.foreign_per_second[kind] + FOREIGN_USE_LEARNING_RATE * (per_second - self.foreign_per_second[kind])
+        # They cannot use more than the whole limit (our own pauses after 429s can make it look so).
+        self.foreign_per_second[kind] = min(estimate, self.buckets[kind].capacity / 60.0)
+        self.mark_resync(kind, now)
+        self.apply_foreign_use(kind, now)
+
     def shared_reserve(self, kind: str) -> float:
         """While others share a limit, what we leave at the service: when two clients each spend every
         unit the moment it refills, whichever comes second meets a 429. A little left in hand absorbs
         that race."""
         if not self.foreign_per_second[kind]:
             return 0.0
-        return SHARED_RESERVE_SECONDS * self.buckets[kind].capacity / 60.0
+        # Token counts in the headers are rounded to the thousand: a reserve smaller than that is unseen.
+        rounding = 0.0 if kind == "requests" else 1000.0
+        return SHARED_RESERVE_SECONDS * self.buckets[kind].capacity / 60.0 + rounding
 
     def mark_resync(self, kind: str, now: float) -> None:
         self.last_resync[kind] = now
@@ -1954,6 +1972,8 @@ class Scheduler:
             self.settle_success(attempt, outcome, limiter, now)
         elif isinstance(outcome, Retry):
             self.settle_retry(attempt, outcome, limiter, now)
+            if outcome.rate_limited and headers is not None:
+                limiter.learn_from_rate_limit(headers, attempt.need, now)
         elif isinstance(outcome, Fail):
             self.stats.errors_by_kind[outcome.kind] += 1
             job.errors.append(outcome.reason)

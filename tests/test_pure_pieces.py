@@ -1377,11 +1377,12 @@ def test_while_others_share_the_limit_some_is_left_at_the_service_and_that_is_no
 def simulate_clients_sharing_a_limit(starts: list[float], seconds: float, latency: float = 0.3,
                                      per_minute: float = 1200) -> tuple[int, int]:
     """Clients each told they have all of one service bucket: (admitted, 429s). Each sends what its
-    limiter admits every 10 ms, the service answers after `latency` with its headers, the first request
-    goes alone and the ramp-up starts with its answer (as the Scheduler does)."""
+    limiter admits every 10 ms, the service answers after `latency` (a 429 at once) with its headers,
+    the first request goes alone and the ramp-up starts with its answer, and answers are settled in the
+    Scheduler's order."""
     service = app.TokenBucket(per_minute, per_minute / 60, now=0)
     clients = [app.Limiter(limits(per_minute, 10**9, 10**9), now=start) for start in starts]
-    answers: list[tuple[float, int]] = []  # (when it arrives, client)
+    answers: list[tuple[float, int, bool]] = []  # (when it arrives, client, rate limited)
     contacted, first_sent = set(), set()
     admitted = rejected = 0
     need = app.Need(1, 1, 1)
@@ -1390,12 +1391,18 @@ def simulate_clients_sharing_a_limit(starts: list[float], seconds: float, latenc
         now = step / 100
         for answer in sorted(a for a in answers if a[0] <= now):
             answers.remove(answer)
-            client = answer[1]
+            _, client, rate_limited = answer
+            limiter = clients[client]
+            # As the service's headers say when it answers.
+            headers = {"anthropic-ratelimit-requests-remaining": str(math.floor(service.level(now)))}
+            if rate_limited:
+                limiter.settle("requests", 1, 0, now)
+                limiter.pause(now + 1, now)
+                limiter.learn_from_rate_limit(headers, need, now)
             if client not in contacted:
                 contacted.add(client)
-                clients[client].ramp_up(now)
-            remaining = math.floor(service.level(now))  # as the service's headers say when it answers
-            clients[client].observe_headers({"anthropic-ratelimit-requests-remaining": str(remaining)}, now)
+                limiter.ramp_up(now)
+            limiter.observe_headers(headers, now)
         # Whoever comes first in a moment varies.
         for index, limiter in order.sample(list(enumerate(clients)), len(clients)):
             if now < starts[index] or (index in first_sent and index not in contacted):
@@ -1406,12 +1413,10 @@ def simulate_clients_sharing_a_limit(starts: list[float], seconds: float, latenc
                 if service.level(now) >= 1:
                     service.take(1, now)
                     admitted += 1
-                    answers.append((now + latency, index))
+                    answers.append((now + latency, index, False))
                 else:
                     rejected += 1
-                    limiter.pause(now + 1, now)
-                    limiter.settle("requests", 1, 0, now)
-                    answers.append((now + 0.01, index))  # a 429 carries the headers too
+                    answers.append((now + 0.01, index, True))
                 if index not in contacted:
                     break
     return admitted, rejected
@@ -1423,3 +1428,23 @@ def test_clients_sharing_a_limit_use_it_all_and_rarely_meet_a_429(starts, latenc
     possible = 1200 + 20 * 60
     assert admitted >= 0.9 * possible
     assert rejected <= 0.02 * admitted
+
+
+def test_a_429_short_of_the_need_teaches_that_others_use_the_limit():
+    limiter = app.Limiter(limits(1200, 600_000, 60_000), now=0)
+    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "1200"}, 0)
+    assert limiter.shared_reserve("requests") == 0
+    # The service had nothing left where our books counted on one request: near an empty bucket,
+    # `remaining` cannot show a deficit, the 429 is the sign.
+    limiter.learn_from_rate_limit({"anthropic-ratelimit-requests-remaining": "0",
+                                   "anthropic-ratelimit-input-tokens-remaining": "500000"}, app.Need(1, 2000, 100), 1)
+    assert limiter.foreign_per_second["requests"] > 0
+    assert limiter.buckets["requests"].refill_per_second < 20
+    assert limiter.shared_reserve("requests") == pytest.approx(app.SHARED_RESERVE_SECONDS * 20)
+    assert limiter.foreign_per_second["input-tokens"] == 0  # that bucket held enough
+
+
+def test_a_shared_token_reserve_is_above_the_rounding_of_the_headers():
+    limiter = app.Limiter(limits(1200, 600_000, 30_000), now=0)
+    limiter.foreign_per_second["output-tokens"] = 100.0
+    assert limiter.shared_reserve("output-tokens") >= 1000 + app.SHARED_RESERVE_SECONDS * 500
