@@ -167,8 +167,10 @@ HEADER_RESYNC_TOLERANCE = 0.005
 HEADER_OBSERVE_INTERVAL_SECONDS = 0.02
 FOREIGN_USE_LEARNING_RATE = 0.3
 FOREIGN_USE_DECAY_SECONDS = 10.0
-# While others share a limit, leave this many seconds of its refill at the service (see shared_reserve).
+# While others share a limit, leave this many seconds of its refill at the service (see shared_reserve),
+# and keep at least this share of it for ourselves.
 SHARED_RESERVE_SECONDS = 0.5
+MIN_SHARE = 0.1
 # Until a model's first answer arrives, send one request to it alone (streamed in `--stream auto`, so
 # its headers come back before the answer is written), for at most this long: its rate-limit headers
 # tell us whether someone else is already using the limit, before we send a full bucket's worth.
@@ -764,8 +766,9 @@ class TokenBucket:
         self._level = min(self.capacity, self.level(now) + amount)
 
     def available(self, now: float) -> float:
-        """The level plus what a ramp-up has yet to hand out: what our books say the service holds."""
-        return self.level(now) + max(0.0, self._ramp_until - now) * self._ramp_per_second
+        """The level plus what a ramp-up has yet to hand out (the bucket never holds more than its
+        capacity): what our books say we may still spend of the service's bucket."""
+        return min(self.capacity, self.level(now) + max(0.0, self._ramp_until - now) * self._ramp_per_second)
 
     def lower_to(self, level: float, now: float, over_seconds: float = 0.0) -> None:
         """The service holds less than our books: believe it. With `over_seconds`, hand out what we then
@@ -931,8 +934,12 @@ class Limiter:
                     bucket.lower_to(remaining, now, over_seconds=RAMP_UP_SECONDS)
                 continue
             since = now - last
-            target = remaining - self.shared_reserve(kind)
-            deficit = bucket.available(now) - target
+            reserve = self.shared_reserve(kind)
+            # What we leave the others is theirs: spending into it is a deficit, too. Except near a full
+            # bucket, where our books run below the service's by the arrival allowance (see TokenBucket)
+            # and nobody is short of anything.
+            near_full = remaining + reserve + ARRIVAL_ALLOWANCE_SECONDS * bucket.capacity / 60.0 >= bucket.capacity
+            deficit = bucket.available(now) - (remaining if near_full else remaining - reserve)
             if deficit > tolerance:
                 # Since the last resync we already left them foreign_per_second; the deficit is the rest.
                 others = self.foreign_per_second[kind] + deficit / max(since, 0.1)
@@ -942,13 +949,21 @@ class Limiter:
                 # of it, as we and they used the limit since the last reading, and hand it out over a
                 # few seconds. (Claiming all of it at once, two processes that start together each spend
                 # the whole bucket, and a third of their requests meet a 429.)
-                share = own / (own + others) if own > 0 else 0.0
+                # (The raw reading, not the smoothed estimate: it is the same window as our own use. At
+                # least a tenth, as apply_foreign_use leaves us at least a tenth of the refill.)
+                share = max(MIN_SHARE, max(own, 0.0) / (max(own, 0.0) + others))
                 bucket.lower_to(share * (remaining - self.shared_reserve(kind)), now, over_seconds=RAMP_UP_SECONDS)
-            elif self.foreign_per_second[kind] and (since > FOREIGN_USE_DECAY_SECONDS
-                                                     or (-deficit > tolerance and since > 1.0)):
+            elif bucket.available(now) - (remaining - reserve) > tolerance:
+                # Nothing new about the others, but we have come to hold part of what we leave them.
+                bucket.lower_to(remaining - reserve, now)
+            elif self.foreign_per_second[kind] and (since > FOREIGN_USE_DECAY_SECONDS or (
+                    remaining - reserve - bucket.available(now) > tolerance and since > 1.0)):
                 # No deficit for a long while, or the service holds clearly more than we thought: the
-                # others use less now. Halve our estimate of them (a deficit will correct it if wrong).
+                # others use less now. Halve our estimate of them (a deficit will correct it if wrong),
+                # and forget them once it is a trifle.
                 self.foreign_per_second[kind] /= 2
+                if self.foreign_per_second[kind] < MIN_SHARE / 10 * bucket.capacity / 60.0:
+                    self.foreign_per_second[kind] = 0.0
                 self.mark_resync(kind, now)
                 self.apply_foreign_use(kind, now)
         return notices
@@ -961,9 +976,13 @@ class Limiter:
         for kind, amount in zip(LIMIT_KINDS, (need.requests, need.input_tokens, need.output_tokens)):
             remaining = parse_number(headers.get(f"anthropic-ratelimit-{kind}-remaining"))
             last = self.last_resync[kind]
-            if remaining is None or remaining >= amount or last is None:
+            # Token counts are rounded to the thousand: only an empty bucket or a clear shortfall counts.
+            rounding = 0.0 if kind == "requests" else 1000.0
+            if remaining is None or last is None or (remaining > 0 and remaining + rounding >= amount):
                 continue
-            self.learn_others_use(kind, self.foreign_per_second[kind] + amount / max(now - last, 0.1), now)
+            if now - last < 1.0:
+                continue  # several 429s of one moment are one sign, not several
+            self.learn_others_use(kind, self.foreign_per_second[kind] + (amount - remaining) / (now - last), now)
 
     def learn_others_use(self, kind: str, per_second: float, now: float) -> None:
         """Fold one reading of the others' rate of use into our estimate, and leave it to them."""
@@ -991,7 +1010,7 @@ class Limiter:
         """Refill at our limit less what others seem to use (never below a tenth of our limit)."""
         bucket = self.buckets[kind]
         base = bucket.capacity / 60.0
-        bucket.set_refill(max(0.1 * base, base - self.foreign_per_second[kind]), now)
+        bucket.set_refill(max(MIN_SHARE * base, base - self.foreign_per_second[kind]), now)
 
 
 def parse_number(value: Any) -> float | None:

@@ -1291,9 +1291,10 @@ def test_ramp_up_hands_out_a_full_bucket_over_its_seconds_and_headers_can_cut_it
     assert bucket.seconds_until(305, 0) == pytest.approx(305 / 310)
     assert bucket.seconds_until(600, 0) == pytest.approx(600 / 310)  # all of it within the 2 s
     assert bucket.level(1) == pytest.approx(310)
-    assert bucket.available(1) == pytest.approx(310 + 300)
-    bucket.lower_to(100, 1)  # the service says only 100 remain: no more of the ramp
+    assert bucket.available(1) == 600  # 310 plus 300 still to come, but a bucket holds at most 600
+    bucket.lower_to(100, 1)  # the service says only 100 remain: the rest of the ramp hands out those
     assert bucket.available(1) == 100
+    assert bucket.level(1) == 0
     assert bucket.level(2) == pytest.approx(110)
 
 
@@ -1375,13 +1376,16 @@ def test_while_others_share_the_limit_some_is_left_at_the_service_and_that_is_no
 
 
 def simulate_clients_sharing_a_limit(starts: list[float], seconds: float, latency: float = 0.3,
-                                     per_minute: float = 1200) -> tuple[int, int]:
+                                     per_minute: float = 1200, offered_per_second: float = math.inf,
+                                     clients: list | None = None) -> tuple[int, int]:
     """Clients each told they have all of one service bucket: (admitted, 429s). Each sends what its
-    limiter admits every 10 ms, the service answers after `latency` (a 429 at once) with its headers,
-    the first request goes alone and the ramp-up starts with its answer, and answers are settled in the
-    Scheduler's order."""
+    limiter admits every 10 ms (up to `offered_per_second`), the service answers after `latency` (a 429
+    at once) with its headers, the first request goes alone and the ramp-up starts with its answer, and
+    answers are settled in the Scheduler's order. Pass a list as `clients` to see the Limiters after."""
     service = app.TokenBucket(per_minute, per_minute / 60, now=0)
-    clients = [app.Limiter(limits(per_minute, 10**9, 10**9), now=start) for start in starts]
+    clients = clients if clients is not None else []
+    clients[:] = [app.Limiter(limits(per_minute, 10**9, 10**9), now=start) for start in starts]
+    offered = [0.0] * len(starts)
     answers: list[tuple[float, int, bool]] = []  # (when it arrives, client, rate limited)
     contacted, first_sent = set(), set()
     admitted = rejected = 0
@@ -1407,7 +1411,9 @@ def simulate_clients_sharing_a_limit(starts: list[float], seconds: float, latenc
         for index, limiter in order.sample(list(enumerate(clients)), len(clients)):
             if now < starts[index] or (index in first_sent and index not in contacted):
                 continue
-            while limiter.seconds_until_admissible(need, now) == 0:
+            offered[index] = min(offered[index] + offered_per_second / 100, 10**6)
+            while offered[index] >= 1 and limiter.seconds_until_admissible(need, now) == 0:
+                offered[index] -= 1
                 limiter.take(need, now)
                 first_sent.add(index)
                 if service.level(now) >= 1:
@@ -1448,3 +1454,42 @@ def test_a_shared_token_reserve_is_above_the_rounding_of_the_headers():
     limiter = app.Limiter(limits(1200, 600_000, 30_000), now=0)
     limiter.foreign_per_second["output-tokens"] = 100.0
     assert limiter.shared_reserve("output-tokens") >= 1000 + app.SHARED_RESERVE_SECONDS * 500
+
+
+@pytest.mark.parametrize("per_second", [2, 10, 19])
+def test_a_client_alone_never_takes_itself_for_several(per_second):
+    clients: list = []
+    admitted, rejected = simulate_clients_sharing_a_limit([0], seconds=120, offered_per_second=per_second,
+                                                          clients=clients)
+    assert rejected == 0
+    assert admitted >= per_second * 118
+    assert clients[0].foreign_per_second["requests"] < 0.05 * 20  # at most a trace, soon forgotten
+    assert clients[0].buckets["requests"].available(120) > 0.9 * 1200  # nothing given away to no one
+
+
+def test_a_ramp_up_never_makes_a_bucket_hold_more_than_its_capacity():
+    bucket = app.TokenBucket(1200, 20, now=0)
+    bucket.ramp_up(2, now=0)
+    assert max(bucket.available(t / 10) for t in range(40)) == 1200
+
+
+def test_several_429s_of_one_moment_teach_as_much_as_one():
+    def after(count: int) -> float:
+        limiter = app.Limiter(limits(1200, 10**9, 10**9), now=0)
+        limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "1200"}, 0)
+        for _ in range(count):
+            limiter.learn_from_rate_limit({"anthropic-ratelimit-requests-remaining": "0"}, app.Need(1, 1, 1), 5)
+        return limiter.foreign_per_second["requests"]
+    assert after(5) == after(1) > 0
+
+
+def test_a_share_is_never_less_than_a_tenth_even_when_our_own_use_was_refunded():
+    limiter = app.Limiter(limits(1200, 600_000, 60_000), now=0)
+    limiter.observe_headers({"anthropic-ratelimit-output-tokens-remaining": "60000"}, 0)
+    limiter.take(app.Need(1, 100, 20_000), 0.5)
+    limiter.settle("output-tokens", 20_000, 0, 1)  # the answers used nothing: our own use is now zero
+    limiter.observe_headers({"anthropic-ratelimit-output-tokens-remaining": "30000"}, 1)
+    bucket = limiter.buckets["output-tokens"]
+    reserve = limiter.shared_reserve("output-tokens")
+    assert bucket.available(1) == pytest.approx(app.MIN_SHARE * (30_000 - reserve))
+    assert bucket.level(1) <= 0  # still handed out over a ramp
