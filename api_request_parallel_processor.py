@@ -164,6 +164,8 @@ AUTO_LIMIT_SHARE = 0.95
 # the limit (and the rounding of token counts): someone else is using it. Learn the others' rate of use
 # at this rate, and halve the estimate after this long without a deficit.
 HEADER_RESYNC_TOLERANCE = 0.005
+# The headers give token counts rounded to the thousand (request counts exactly).
+HEADER_TOKEN_ROUNDING = 1000.0
 HEADER_OBSERVE_INTERVAL_SECONDS = 0.02
 FOREIGN_USE_LEARNING_RATE = 0.3
 FOREIGN_USE_DECAY_SECONDS = 10.0
@@ -804,6 +806,11 @@ class TokenBucket:
         self.level(now)
         self.refill_per_second = per_second
 
+    @property
+    def full_rate(self) -> float:
+        """The limit per second: the refill when nobody else shares the limit."""
+        return self.capacity / 60.0
+
     def set_rate(self, per_minute: float, now: float) -> None:
         """Change the limit; the level keeps its value, so a higher limit ramps up instead of bursting."""
         self._level = min(self.level(now), per_minute)
@@ -925,12 +932,13 @@ class Limiter:
                                    f"you set {setting.per_minute:,.0f}; pass auto to use it")
             if remaining is None:
                 continue
-            # Token counts are rounded to the nearest thousand; a small difference is noise.
-            tolerance = 1.0 if kind == "requests" else 1000.0 + HEADER_RESYNC_TOLERANCE * bucket.capacity
+            # A difference within the rounding (and a small share of the limit) is noise.
+            tolerance = 1.0 if kind == "requests" else header_rounding(kind) + HEADER_RESYNC_TOLERANCE * bucket.capacity
+            available = bucket.available(now)
             last = self.last_resync[kind]
             if last is None:  # the first header: follow it, learn nothing yet
                 self.mark_resync(kind, now)
-                if bucket.available(now) - remaining > tolerance:
+                if available - remaining > tolerance:
                     bucket.lower_to(remaining, now, over_seconds=RAMP_UP_SECONDS)
                 continue
             since = now - last
@@ -938,31 +946,32 @@ class Limiter:
             # What we leave the others is theirs: spending into it is a deficit, too. Except near a full
             # bucket, where our books run below the service's by the arrival allowance (see TokenBucket)
             # and nobody is short of anything.
-            near_full = remaining + reserve + ARRIVAL_ALLOWANCE_SECONDS * bucket.capacity / 60.0 >= bucket.capacity
-            deficit = bucket.available(now) - (remaining if near_full else remaining - reserve)
+            near_full = remaining + reserve + ARRIVAL_ALLOWANCE_SECONDS * bucket.full_rate >= bucket.capacity
+            deficit = available - (remaining if near_full else remaining - reserve)
             if deficit > tolerance:
                 # Since the last resync we already left them foreign_per_second; the deficit is the rest.
                 others = self.foreign_per_second[kind] + deficit / max(since, 0.1)
-                own = (self.taken_total[kind] - self.taken_at_resync[kind]) / max(since, 0.1)
+                own = max(0.0, self.taken_total[kind] - self.taken_at_resync[kind]) / max(since, 0.1)
                 self.learn_others_use(kind, others, now)
                 # The others read the same `remaining` and will spend from it too: claim only our share
                 # of it, as we and they used the limit since the last reading, and hand it out over a
                 # few seconds. (Claiming all of it at once, two processes that start together each spend
                 # the whole bucket, and a third of their requests meet a 429.)
                 # (The raw reading, not the smoothed estimate: it is the same window as our own use. At
-                # least a tenth, as apply_foreign_use leaves us at least a tenth of the refill.)
-                share = max(MIN_SHARE, max(own, 0.0) / (max(own, 0.0) + others))
+                # least a tenth, as apply_foreign_use leaves us at least a tenth of the refill. Refunds
+                # can make our own use negative.) The reserve is asked again: it begins with this lesson.
+                share = max(MIN_SHARE, own / (own + others))
                 bucket.lower_to(share * (remaining - self.shared_reserve(kind)), now, over_seconds=RAMP_UP_SECONDS)
-            elif bucket.available(now) - (remaining - reserve) > tolerance:
+            elif available - (remaining - reserve) > tolerance:
                 # Nothing new about the others, but we have come to hold part of what we leave them.
                 bucket.lower_to(remaining - reserve, now)
             elif self.foreign_per_second[kind] and (since > FOREIGN_USE_DECAY_SECONDS or (
-                    remaining - reserve - bucket.available(now) > tolerance and since > 1.0)):
+                    remaining - reserve - available > tolerance and since > 1.0)):
                 # No deficit for a long while, or the service holds clearly more than we thought: the
                 # others use less now. Halve our estimate of them (a deficit will correct it if wrong),
                 # and forget them once it is a trifle.
                 self.foreign_per_second[kind] /= 2
-                if self.foreign_per_second[kind] < MIN_SHARE / 10 * bucket.capacity / 60.0:
+                if self.foreign_per_second[kind] < MIN_SHARE / 10 * bucket.full_rate:
                     self.foreign_per_second[kind] = 0.0
                 self.mark_resync(kind, now)
                 self.apply_foreign_use(kind, now)
@@ -976,9 +985,8 @@ class Limiter:
         for kind, amount in zip(LIMIT_KINDS, (need.requests, need.input_tokens, need.output_tokens)):
             remaining = parse_number(headers.get(f"anthropic-ratelimit-{kind}-remaining"))
             last = self.last_resync[kind]
-            # Token counts are rounded to the thousand: only an empty bucket or a clear shortfall counts.
-            rounding = 0.0 if kind == "requests" else 1000.0
-            if remaining is None or last is None or (remaining > 0 and remaining + rounding >= amount):
+            # Only an empty bucket or a shortfall beyond the headers' rounding counts.
+            if remaining is None or last is None or (remaining > 0 and remaining + header_rounding(kind) >= amount):
                 continue
             if now - last < 1.0:
                 continue  # several 429s of one moment are one sign, not several
@@ -986,9 +994,10 @@ class Limiter:
 
     def learn_others_use(self, kind: str, per_second: float, now: float) -> None:
         """Fold one reading of the others' rate of use into our estimate, and leave it to them."""
-        estimate = self.foreign_per_second[kind] + FOREIGN_USE_LEARNING_RATE * (per_second - self.foreign_per_second[kind])
+        previous = self.foreign_per_second[kind]
+        estimate = previous + FOREIGN_USE_LEARNING_RATE * (per_second - previous)
         # They cannot use more than the whole limit (our own pauses after 429s can make it look so).
-        self.foreign_per_second[kind] = min(estimate, self.buckets[kind].capacity / 60.0)
+        self.foreign_per_second[kind] = min(estimate, self.buckets[kind].full_rate)
         self.mark_resync(kind, now)
         self.apply_foreign_use(kind, now)
 
@@ -998,9 +1007,8 @@ class Limiter:
         that race."""
         if not self.foreign_per_second[kind]:
             return 0.0
-        # Token counts in the headers are rounded to the thousand: a reserve smaller than that is unseen.
-        rounding = 0.0 if kind == "requests" else 1000.0
-        return SHARED_RESERVE_SECONDS * self.buckets[kind].capacity / 60.0 + rounding
+        # A reserve within the headers' rounding would be unseen.
+        return SHARED_RESERVE_SECONDS * self.buckets[kind].full_rate + header_rounding(kind)
 
     def mark_resync(self, kind: str, now: float) -> None:
         self.last_resync[kind] = now
@@ -1009,8 +1017,11 @@ class Limiter:
     def apply_foreign_use(self, kind: str, now: float) -> None:
         """Refill at our limit less what others seem to use (never below a tenth of our limit)."""
         bucket = self.buckets[kind]
-        base = bucket.capacity / 60.0
-        bucket.set_refill(max(MIN_SHARE * base, base - self.foreign_per_second[kind]), now)
+        bucket.set_refill(max(MIN_SHARE * bucket.full_rate, bucket.full_rate - self.foreign_per_second[kind]), now)
+
+
+def header_rounding(kind: str) -> float:
+    return 0.0 if kind == "requests" else HEADER_TOKEN_ROUNDING
 
 
 def parse_number(value: Any) -> float | None:
